@@ -1,0 +1,24 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from kdflow.components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def prune(
+    data: Input[Dataset],
+    teacher: Input[Model],
+    pruned: Output[Model],
+    metrics: Output[Metrics],
+    config_json: str,
+    tracking_uri: str,
+    pipeline_run_id: str,
+    pipeline_run_name: str,
+):
+    """Step 3: structured channel pruning of the teacher, one network per configured ratio."""
+    from kdflow import steps
+
+    ctx = steps.StepContext.open(config_json, tracking_uri, pipeline_run_id, pipeline_run_name)
+    for row in steps.prune_teacher(ctx, data.path, teacher.path, pruned.path):
+        metrics.log_metric(f"ratio_{row['ratio']:g}_params_after", row["params_after"])
+        metrics.log_metric(f"ratio_{row['ratio']:g}_macs_after", row["macs_after"])

@@ -1,0 +1,1 @@
+"""The kdflow pipeline definition, its compiler and its local runner (installed as `kdflow.pipelines`)."""

@@ -1,0 +1,299 @@
+"""The typed run configuration: one section per pipeline step.
+
+Every section forbids unknown keys and checks ranges, so a typo or a bad value fails before any work starts,
+with a message that names the offending key. `Config()` with no arguments is the built-in default run
+(digits, offline, a few minutes on a laptop CPU); `configs/default.yaml` spells the same values out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message names the offending key and value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DataConfig(_Section):
+    """Which source and target tasks to build and how to split them (see `kdflow.data`)."""
+
+    source: str = "digits"
+    target: str | None = None
+    setup: Literal["cross_dataset", "class_split", "domain_shift"] = "domain_shift"
+    source_classes: list[int] | None = None
+    target_classes: list[int] | None = None
+    shift: Literal["hflip", "vflip", "rot90", "invert"] = "hflip"
+    source_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    target_samples_per_class: int | None = Field(None, ge=1)
+    max_source_samples: int | None = Field(None, ge=10)
+    image_size: int | None = Field(None, ge=4, le=1024)
+    channels: Literal[1, 3] | None = None
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.25, gt=0.0, lt=0.5)
+    root: str = "~/.cache/kdflow/datasets"
+    download: bool = True
+
+    @model_validator(mode="after")
+    def _check_setup(self) -> DataConfig:
+        if self.setup == "cross_dataset" and not self.target:
+            raise ValueError("data.target is required when data.setup is 'cross_dataset'")
+        if self.setup != "cross_dataset" and self.target not in (None, self.source):
+            raise ValueError(
+                f"data.target={self.target!r} only makes sense with data.setup='cross_dataset' "
+                f"(setup is {self.setup!r})"
+            )
+        if self.setup == "class_split" and self.source_classes and self.target_classes:
+            both = sorted(set(self.source_classes) & set(self.target_classes))
+            if both:
+                raise ValueError(f"data.source_classes and data.target_classes overlap: {both}")
+        return self
+
+
+class TrainConfig(_Section):
+    """One optimisation phase: pretraining, fine-tuning or distillation."""
+
+    epochs: int = Field(10, ge=0, le=10_000)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    lr: float = Field(0.05, gt=0.0, le=10.0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0, lt=1.0)
+    augment: Literal["none", "crop", "crop_flip"] = "none"
+
+
+class TeacherConfig(_Section):
+    """The big network: pretrained on the source task, fine-tuned on the target task with a new head."""
+
+    arch: str = "cnn"
+    arch_kwargs: dict[str, Any] = Field(default_factory=lambda: {"width": 32})
+    pretrained: str | None = None
+    pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, lr=0.05))
+    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, lr=0.02))
+
+
+class PruneConfig(_Section):
+    """Structured channel pruning of the fine-tuned teacher, one pruned network per ratio."""
+
+    ratios: list[float] = Field(default_factory=lambda: [0.6, 0.75])
+    importance: Literal["l1", "l2", "taylor", "bn_scale", "lamp", "random"] = "l2"
+    global_pruning: bool = False
+    round_to: int | None = Field(None, ge=1)
+    calibration_batches: int = Field(4, ge=1, le=1000)
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_in_range(cls, ratios: list[float]) -> list[float]:
+        for r in ratios:
+            if not 0.0 < r < 1.0:
+                raise ValueError(f"each prune ratio must be in (0, 1), got {r}")
+        if len(set(ratios)) != len(ratios):
+            raise ValueError(f"prune ratios must be distinct, got {ratios}")
+        return ratios
+
+
+class StudentConfig(_Section):
+    """A student network: a pruned teacher (`from_pruned: ratio`) or a fresh registry architecture."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
+    from_pruned: float | None = None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> StudentConfig:
+        if (self.from_pruned is None) == (self.arch is None):
+            raise ValueError(f"student {self.name!r} needs exactly one of from_pruned or arch")
+        return self
+
+
+class LossConfig(_Section):
+    """How a student learns: the objective kind and its weights (see `kdflow.losses.OBJECTIVES`)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
+    kind: Literal["ce", "kd", "logit_mse", "hint"]
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    lam: float = Field(1.0, ge=0.0, le=1e4)
+    beta: float = Field(1.0, ge=0.0, le=1e4)
+    transfer: Literal["target", "source", "both"] = "target"
+
+
+class DistillConfig(_Section):
+    """The candidate grid: every student is trained with every loss, side by side."""
+
+    students: list[StudentConfig] = Field(
+        default_factory=lambda: [
+            StudentConfig(name="pruned60", from_pruned=0.6),
+            StudentConfig(name="pruned75", from_pruned=0.75),
+        ]
+    )
+    losses: list[LossConfig] = Field(
+        default_factory=lambda: [
+            LossConfig(name="kd", kind="kd", temperature=4.0, alpha=0.9),
+            LossConfig(name="logit_mse", kind="logit_mse", lam=0.1),
+            LossConfig(name="ce", kind="ce"),
+        ]
+    )
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=30, lr=0.05))
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DistillConfig:
+        for what, items in (("students", self.students), ("losses", self.losses)):
+            names = [i.name for i in items]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"distill.{what} names must be unique, repeated: {dup}")
+        if not self.students or not self.losses:
+            raise ValueError("distill.students and distill.losses must each list at least one entry")
+        return self
+
+
+class EvalConfig(_Section):
+    """What evaluation measures and how hard it tries (latency repeats)."""
+
+    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    latency_warmup: int = Field(5, ge=0, le=1000)
+    latency_repeats: int = Field(30, ge=1, le=10_000)
+    latency_threads: int = Field(1, ge=1, le=256)
+    ece_bins: int = Field(15, ge=2, le=1000)
+
+
+class PolicyConfig(_Section):
+    """How the best candidate is chosen on validation data, before the champion gate on test data."""
+
+    metric: Literal["val_top1", "val_top5", "val_loss"] = "val_top1"
+    min_compression: float | None = Field(4.0, ge=1.0)
+    max_params: int | None = Field(None, ge=1)
+    max_latency_ms: float | None = Field(None, gt=0.0)
+    min_teacher_retention: float | None = Field(None, gt=0.0, le=2.0)
+
+
+class RegistryConfig(_Section):
+    """Where candidates are registered and what a new champion must beat."""
+
+    model_name: str = Field("kdflow-digits-student", min_length=1)
+    teacher_model_name: str = Field("kdflow-digits-teacher", min_length=1)
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    champion_metric: Literal["test_top1", "test_top5"] = "test_top1"
+    min_improvement: float = Field(0.0, ge=0.0, le=1.0)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+
+class ClusterConfig(_Section):
+    """Settings that only matter on Kubeflow: accelerators for the training steps."""
+
+    gpus: int = Field(1, ge=0, le=16)
+    accelerator: str = "nvidia.com/gpu"
+
+
+class Config(_Section):
+    """A whole kdflow run."""
+
+    experiment: str = Field("kdflow-digits", min_length=1)
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _students_match_pruning(self) -> Config:
+        for s in self.distill.students:
+            if s.from_pruned is not None and s.from_pruned not in self.prune.ratios:
+                raise ValueError(
+                    f"distill.students[{s.name}].from_pruned={s.from_pruned} is not one of "
+                    f"prune.ratios={self.prune.ratios}"
+                )
+        return self
+
+    def candidates(self) -> list[dict[str, Any]]:
+        """The student × loss grid as plain dicts: the items the pipeline's ParallelFor iterates over."""
+        return [
+            {"name": f"{s.name}-{l.name}", "student": s.model_dump(), "loss": l.model_dump()}
+            for s in self.distill.students
+            for l in self.distill.losses
+        ]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+    def flat(self) -> dict[str, str]:
+        """Dotted keys → values, for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None, origin: str = "<dict>") -> Config:
+    """Validate a mapping into a Config; raise ConfigError naming every bad key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config ({origin}): top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, origin)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (or the built-in default when `path` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    origin = "built-in default"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+        origin = str(p)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {part} is not a section")
+        node[leaf] = value
+    return parse_config(data, origin)
+
+
+def config_from_json(text: str) -> Config:
+    """What each pipeline step calls on the config string it was handed."""
+    return parse_config(json.loads(text), "pipeline parameter config_json")

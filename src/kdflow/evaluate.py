@@ -1,0 +1,123 @@
+"""What a student is worth: accuracy, calibration, agreement with its teacher, size, FLOPs and CPU latency.
+
+Latency is measured on the CPU (where small models are served) at fixed batch sizes: warm-up runs first,
+then the median of repeated timed runs, so one slow run (a page fault, a scheduler hiccup) does not count.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
+    topk = logits.topk(min(k, logits.shape[1]), dim=1).indices  # (N, k)
+    return float((topk == y[:, None]).any(dim=1).float().mean())
+
+
+def confusion_matrix(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    flat = y * num_classes + pred
+    return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes).numpy()
+
+
+def per_class_accuracy(cm: np.ndarray) -> list[float]:
+    totals = cm.sum(axis=1)
+    return [float(cm[i, i] / totals[i]) if totals[i] else float("nan") for i in range(len(cm))]
+
+
+def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): |accuracy − confidence| per equal-width confidence bin, weighted by bin size."""
+    probs = F.softmax(logits.float(), dim=1)
+    conf, pred = probs.max(dim=1)
+    correct = (pred == y).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        mask = (conf > lo) & (conf <= hi)
+        if mask.any():
+            ece += float(mask.float().mean() * (correct[mask].mean() - conf[mask].mean()).abs())
+    return ece
+
+
+def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:
+    """Fraction of inputs on which student and teacher predict the same class."""
+    return float((student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean())
+
+
+def flops(model: nn.Module, example: torch.Tensor) -> int:
+    """Forward FLOPs of one input (multiply-adds count as 2), by torch's own op-level counter."""
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example[:1])
+    return int(counter.get_total_flops())
+
+
+def cpu_latency_ms(
+    model: nn.Module, example: torch.Tensor, batch_size: int, warmup: int, repeats: int, threads: int = 1
+) -> float:
+    """Median wall time in milliseconds of one forward pass at `batch_size` on the CPU with `threads` intra-op
+    threads. A fixed thread count keeps numbers comparable between runs and unaffected by other processes'
+    threads (local pipeline steps run side by side)."""
+    model = model.to("cpu").eval()
+    x = example[:1].to("cpu").expand(batch_size, *example.shape[1:]).contiguous()
+    times = []
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                t0 = time.perf_counter()
+                model(x)
+                if i >= warmup:
+                    times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(previous)
+    return statistics.median(times)
+
+
+def classification_report(
+    logits: torch.Tensor, y: torch.Tensor, num_classes: int, ece_bins: int = 15, prefix: str = "test"
+) -> tuple[dict[str, float], np.ndarray]:
+    """Top-1 (and top-5 with more than 5 classes), loss, ECE, per-class accuracy; plus the confusion matrix."""
+    cm = confusion_matrix(logits.argmax(1), y, num_classes)
+    m = {
+        f"{prefix}_top1": topk_accuracy(logits, y, 1),
+        f"{prefix}_loss": float(F.cross_entropy(logits, y)),
+        f"{prefix}_ece": expected_calibration_error(logits, y, ece_bins),
+    }
+    if num_classes > 5:
+        m[f"{prefix}_top5"] = topk_accuracy(logits, y, 5)
+    for i, acc in enumerate(per_class_accuracy(cm)):
+        m[f"{prefix}_class_{i}_acc"] = acc
+    return m, cm
+
+
+def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
+    """A matplotlib figure of the confusion matrix (counts in the cells)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * n, 0.8 + 0.45 * n))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=90 if n > 10 else 0, fontsize=7)
+    ax.set_yticks(range(n), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.tight_layout()
+    return fig

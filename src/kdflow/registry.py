@@ -1,0 +1,144 @@
+"""Which candidate ships: the selection policy on validation data and the champion gate on test data.
+
+Policy (stated, configurable): among candidates that satisfy every constraint — compression ≥
+`min_compression` (teacher params / student params), params ≤ `max_params`, batch-1 CPU latency ≤
+`max_latency_ms`, val accuracy ≥ `min_teacher_retention` × the teacher's — pick the best `metric` on the
+validation split (ties: fewer parameters, then name). Test data plays no part in that choice.
+
+Gate: the selected candidate takes the alias only if its test metric beats the current champion's on the same
+test data (by more than `min_improvement`). All versions are registered either way, so every run stays
+comparable in the registry; only the alias moves or stays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kdflow.config import PolicyConfig, RegistryConfig
+
+TEST_HASH_TAG = "kdflow.test_data_hash"
+
+
+@dataclass
+class Candidate:
+    name: str
+    metrics: dict[str, float]
+    run_id: str = ""
+    model_uri: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Selection:
+    best: Candidate | None
+    rejected: dict[str, str]  # candidate name → why it failed the policy
+
+
+def violations(c: Candidate, policy: PolicyConfig, teacher: dict[str, float]) -> list[str]:
+    """Every policy constraint `c` breaks, as readable reasons (empty when it qualifies)."""
+    m, out = c.metrics, []
+    if policy.min_compression is not None:
+        ratio = teacher["params"] / m["params"]
+        if ratio < policy.min_compression:
+            out.append(f"compression {ratio:.2f}x < {policy.min_compression}x")
+    if policy.max_params is not None and m["params"] > policy.max_params:
+        out.append(f"params {int(m['params'])} > {policy.max_params}")
+    if policy.max_latency_ms is not None and m["latency_ms_b1"] > policy.max_latency_ms:
+        out.append(f"latency {m['latency_ms_b1']:.3f} ms > {policy.max_latency_ms} ms")
+    if policy.min_teacher_retention is not None:
+        retention = m["val_top1"] / teacher["val_top1"]
+        if retention < policy.min_teacher_retention:
+            out.append(f"teacher retention {retention:.3f} < {policy.min_teacher_retention}")
+    return out
+
+
+def select(candidates: list[Candidate], policy: PolicyConfig, teacher: dict[str, float]) -> Selection:
+    """The policy's pick on validation metrics, and why each other qualifier-failing candidate was dropped."""
+    rejected, ok = {}, []
+    for c in candidates:
+        why = violations(c, policy, teacher)
+        if why:
+            rejected[c.name] = "; ".join(why)
+        else:
+            ok.append(c)
+    sign = 1 if policy.metric == "val_loss" else -1  # loss: lower is better; accuracies: higher
+    ok.sort(key=lambda c: (sign * c.metrics[policy.metric], c.metrics["params"], c.name))
+    return Selection(ok[0] if ok else None, rejected)
+
+
+def beats(new: float, current: float | None, min_improvement: float) -> bool:
+    """Strictly better than the current champion by more than `min_improvement`; no champion → True."""
+    return current is None or new > current + min_improvement
+
+
+@dataclass
+class Decision:
+    selected: str | None
+    promoted: bool
+    reason: str
+    versions: dict[str, int]  # candidate name → registered version
+    champion_version: int | None  # after the decision
+    previous_champion: int | None
+    previous_score: float | None
+    rejected: dict[str, str]
+
+
+def current_champion(client, cfg: RegistryConfig):
+    """The model version holding the alias, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(cfg.model_name, cfg.alias)
+    except MlflowException as err:
+        if err.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            return None
+        raise
+
+
+def register_and_promote(
+    client,
+    cfg: RegistryConfig,
+    candidates: list[Candidate],
+    teacher: dict[str, float],
+    test_hash: str,
+    rescore: Callable[[str], float],
+) -> Decision:
+    """Register every candidate as a version of `cfg.model_name`, then move the alias per policy and gate.
+
+    `rescore(model_uri)` evaluates a registered model on this run's test data; it is used only when the current
+    champion was scored on different test data (its stored score would not be comparable).
+    """
+    import mlflow
+
+    selection = select(candidates, cfg.policy, teacher)
+    champ = current_champion(client, cfg)
+    previous_score = None
+    if champ is not None:
+        stored = champ.tags.get(cfg.champion_metric)
+        if champ.tags.get(TEST_HASH_TAG) == test_hash and stored is not None:
+            previous_score = float(stored)
+        else:
+            previous_score = rescore(f"models:/{cfg.model_name}/{champ.version}")
+
+    versions: dict[str, int] = {}
+    for c in candidates:  # one call per version: each version appears whole (files, run link, tags) or not at all
+        tags = {**c.tags, TEST_HASH_TAG: test_hash, **{k: f"{v:.6g}" for k, v in c.metrics.items()}}
+        mv = mlflow.register_model(c.model_uri, cfg.model_name, tags=tags)
+        versions[c.name] = int(mv.version)
+
+    prev_version = int(champ.version) if champ is not None else None
+    if selection.best is None:
+        return Decision(None, False, "no candidate satisfies the policy", versions, prev_version, prev_version,
+                        previous_score, selection.rejected)
+    best = selection.best
+    score = best.metrics[cfg.champion_metric]
+    if beats(score, previous_score, cfg.min_improvement):
+        client.set_registered_model_alias(cfg.model_name, cfg.alias, versions[best.name])
+        reason = (f"{best.name} {cfg.champion_metric}={score:.4f} beats champion v{prev_version} ({previous_score:.4f})"
+                  if prev_version is not None else f"{best.name} is the first champion ({cfg.champion_metric}={score:.4f})")
+        return Decision(best.name, True, reason, versions, versions[best.name], prev_version, previous_score,
+                        selection.rejected)
+    reason = (f"{best.name} {cfg.champion_metric}={score:.4f} does not beat champion v{prev_version} "
+              f"({previous_score:.4f} + {cfg.min_improvement})")
+    return Decision(best.name, False, reason, versions, prev_version, prev_version, previous_score, selection.rejected)

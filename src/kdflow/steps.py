@@ -1,0 +1,367 @@
+"""The six pipeline steps as plain functions: config and directories in, files and metrics out.
+
+Each KFP component (components/) is a thin adapter around exactly one of these; tests and notebooks call them
+directly. A step never reads another step's memory, only its output files, so the same function runs in a test,
+under kfp.local, and in a pod on a GPU node.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdflow import checkpoint, data, evaluate, models, registry, tracking
+from kdflow.config import Config, config_from_json
+from kdflow.train import Split, accuracy, fit, predict, resolve_device, seed_everything
+
+INFO_FILE = "info.json"
+
+
+@dataclass
+class StepContext:
+    """What every step needs: the validated config and where its MLflow runs go."""
+
+    cfg: Config
+    tracking_uri: str
+    experiment_id: str
+    parent_id: str
+    pipeline_run_id: str
+
+    @classmethod
+    def open(cls, config_json: str, tracking_uri: str, pipeline_run_id: str, pipeline_run_name: str) -> StepContext:
+        cfg = config_from_json(config_json)
+        uri = tracking.connect(tracking_uri or None)
+        exp = tracking.ensure_experiment(cfg.experiment, uri)
+        parent = tracking.parent_run_id(exp, pipeline_run_id, pipeline_run_name or pipeline_run_id, cfg.flat())
+        return cls(cfg, uri, exp, parent, pipeline_run_id)
+
+    def child(self, name: str, step: str, tags: dict[str, str] | None = None):
+        return tracking.child_run(self.experiment_id, self.parent_id, name, step, tags)
+
+
+class ServingModel(nn.Sequential):
+    """What is registered: normalisation + network, so callers send raw pixels as float32 (N, C, H, W) in
+    [0, 255] and get logits (N, classes)."""
+
+    def __init__(self, normalizer: data.Normalizer, net: nn.Module):
+        super().__init__(normalizer, net)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _splits(data_dir: str, task: str) -> dict[str, Split]:
+    return {s: Split(*data.load_split(data_dir, task, s)) for s in data.SPLITS}
+
+
+def _example(normalizer: data.Normalizer, data_dir: str, n: int = 8) -> torch.Tensor:
+    x, _ = data.load_split(data_dir, "target", "train")
+    return normalizer(x[:n])
+
+
+def _write_info(directory: str | Path, info: dict) -> None:
+    (Path(directory) / INFO_FILE).write_text(json.dumps(info, indent=1))
+
+
+def read_info(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / INFO_FILE).read_text())
+
+
+def _log_servable(model: nn.Module, normalizer: data.Normalizer, data_dir: str) -> str:
+    x, _ = data.load_split(data_dir, "target", "val")
+    return tracking.log_model(ServingModel(normalizer, model), x[:4].float())
+
+
+def profile(model: nn.Module, normalizer: data.Normalizer, data_dir: str, cfg: Config, ckpt_dir: str) -> dict:
+    """Size and speed of a model: params, serialized bytes, FLOPs/MACs per image, CPU latency per batch size."""
+    example = _example(normalizer, data_dir).cpu()
+    model = model.cpu().eval()
+    out = {"params": models.count_params(model), "size_bytes": checkpoint.file_size(ckpt_dir)}
+    out["flops"] = evaluate.flops(model, example)
+    out["macs"] = out["flops"] // 2
+    for b in cfg.evaluate.latency_batch_sizes:
+        out[f"latency_ms_b{b}"] = evaluate.cpu_latency_ms(
+            model, example, b, cfg.evaluate.latency_warmup, cfg.evaluate.latency_repeats, cfg.evaluate.latency_threads
+        )
+    return out
+
+
+# -------------------------------------------------------------------------------------------- 1. data prep
+
+
+def prepare_data(ctx: StepContext, out_dir: str) -> dict:
+    """Build source and target tasks, split them deterministically, write tensors and the manifest."""
+    with ctx.child("data-prep", "data"):
+        manifest = data.prepare(ctx.cfg.data, ctx.cfg.seed, out_dir)
+        tracking.log_params({f"data.{k}": v for k, v in ctx.cfg.data.model_dump().items()})
+        tracking.log_metrics(
+            {f"{t}_{s}_count": n for t in data.TASKS for s, n in manifest["tasks"][t]["counts"].items()}
+        )
+        tracking.log_dict(manifest, "manifest.json")
+        tracking.log_dict(ctx.cfg.model_dump(mode="json"), "config.json")
+        import mlflow
+
+        mlflow.set_tag("kdflow.data_hash", manifest["content_hash"])
+    return manifest
+
+
+# --------------------------------------------------------------------------------------- 2. teacher training
+
+
+def train_teacher(ctx: StepContext, data_dir: str, out_dir: str) -> dict:
+    """Pretrain on the source task, swap in a new head, fine-tune on the target task (transfer learning)."""
+    cfg, tcfg = ctx.cfg, ctx.cfg.teacher
+    manifest = data.read_manifest(data_dir)
+    norm = data.Normalizer.from_manifest(manifest)
+    device = resolve_device(cfg.device)
+    src, tgt = _splits(data_dir, "source"), _splits(data_dir, "target")
+    in_ch = manifest["tasks"]["source"]["shape"][0]
+    seed_everything(cfg.seed)
+    kwargs = dict(tcfg.arch_kwargs)
+    if tcfg.pretrained and tcfg.arch in ("resnet18", "mobilenet_v3_small"):
+        kwargs["weights"] = tcfg.pretrained
+    net = models.build(tcfg.arch, in_ch, manifest["tasks"]["source"]["num_classes"], **kwargs)
+    if tcfg.pretrained and "weights" not in kwargs:
+        _load_compatible(net, tcfg.pretrained)
+
+    with ctx.child("teacher", "teacher", {"kdflow.arch": tcfg.arch}) as run:
+        tracking.log_params({"arch": tcfg.arch, "arch_kwargs": json.dumps(tcfg.arch_kwargs),
+                             **{f"pretrain.{k}": v for k, v in tcfg.pretrain.model_dump().items()},
+                             **{f"finetune.{k}": v for k, v in tcfg.finetune.model_dump().items()}})
+        pre = fit(net, src["train"], src["val"], tcfg.pretrain, norm, seed=cfg.seed, device=device,
+                  on_epoch=tracking.epoch_logger("pretrain_"))
+        source_test = accuracy(predict(net, src["test"].x, norm), src["test"].y)
+        models.replace_head(net, manifest["tasks"]["target"]["num_classes"], tcfg.arch)
+        fine = fit(net, tgt["train"], tgt["val"], tcfg.finetune, norm, seed=cfg.seed + 1, device=device,
+                   on_epoch=tracking.epoch_logger("finetune_"))
+        spec = checkpoint.make_spec(tcfg.arch, in_ch, manifest["tasks"]["target"]["num_classes"], tcfg.arch_kwargs)
+        checkpoint.save(net, spec, out_dir)
+        metrics = {
+            "pretrain_best_val_top1": pre.best_val_acc,
+            "pretrain_source_test_top1": source_test,
+            "val_top1": accuracy(predict(net, tgt["val"].x, norm), tgt["val"].y),
+            "test_top1": accuracy(predict(net, tgt["test"].x, norm), tgt["test"].y),
+            **profile(net, norm, data_dir, cfg, out_dir),
+        }
+        tracking.log_metrics(metrics)
+        model_uri = _log_servable(net, norm, data_dir)
+        _write_info(out_dir, {"run_id": run.info.run_id, "model_uri": model_uri, "metrics": metrics,
+                              "finetune_best_epoch": fine.best_epoch, "data_hash": manifest["content_hash"]})
+    return metrics
+
+
+def _load_compatible(net: nn.Module, path: str) -> None:
+    """Load a local state dict, skipping tensors whose shapes differ (a head for another class count)."""
+    state = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    own = net.state_dict()
+    net.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
+
+
+# ------------------------------------------------------------------------------------------------ 3. pruning
+
+
+def pruned_dir(root: str | Path, ratio: float) -> Path:
+    return Path(root) / f"ratio-{ratio:g}"
+
+
+def prune_teacher(ctx: StepContext, data_dir: str, teacher_dir: str, out_dir: str) -> list[dict]:
+    """One structurally pruned copy of the fine-tuned teacher per configured ratio (not fine-tuned yet:
+    distillation trains them)."""
+    from kdflow import pruning
+
+    pcfg = ctx.cfg.prune
+    manifest = data.read_manifest(data_dir)
+    norm = data.Normalizer.from_manifest(manifest)
+    x, y = data.load_split(data_dir, "target", "train")
+    val = Split(*data.load_split(data_dir, "target", "val"))
+    bs = ctx.cfg.distill.train.batch_size
+    calibration = [(norm(x[i : i + bs]), y[i : i + bs]) for i in range(0, min(len(x), bs * pcfg.calibration_batches), bs)]
+    reports = []
+    with ctx.child("prune", "prune", {"kdflow.importance": pcfg.importance}):
+        tracking.log_params(pcfg.model_dump())
+        for ratio in pcfg.ratios:
+            net, spec = checkpoint.load(teacher_dir)
+            rep = pruning.prune(net, norm(x[:8]), ratio, spec["arch"], pcfg.importance, pcfg.global_pruning,
+                                pcfg.round_to, calibration)
+            d = pruned_dir(out_dir, ratio)
+            checkpoint.save(net, spec, d)
+            row = {**asdict(rep), "param_reduction": rep.param_reduction, "mac_reduction": rep.mac_reduction,
+                   "val_top1_before_finetune": accuracy(predict(net, val.x, norm), val.y)}
+            tracking.log_metrics({f"ratio_{ratio:g}_{k}": v for k, v in row.items() if k != "importance"})
+            reports.append(row)
+        tracking.log_dict({"reports": reports}, "prune_report.json")
+    (Path(out_dir) / "report.json").write_text(json.dumps(reports, indent=1))
+    return reports
+
+
+# ------------------------------------------------------------------------------------------- 4. distillation
+
+
+def candidate(cfg: Config, name: str) -> dict:
+    for c in cfg.candidates():
+        if c["name"] == name:
+            return c
+    raise ValueError(f"unknown candidate {name!r}; the config defines {[c['name'] for c in cfg.candidates()]}")
+
+
+def distill(ctx: StepContext, name: str, data_dir: str, teacher_dir: str, pruned_root: str, out_dir: str) -> dict:
+    """Train one candidate (a student × a loss) on the target task with the teacher's soft targets."""
+    from kdflow.config import LossConfig, StudentConfig
+
+    cfg = ctx.cfg
+    cand = candidate(cfg, name)
+    student_cfg, loss_cfg = StudentConfig(**cand["student"]), LossConfig(**cand["loss"])
+    manifest = data.read_manifest(data_dir)
+    norm = data.Normalizer.from_manifest(manifest)
+    device = resolve_device(cfg.device)
+    teacher, tspec = checkpoint.load(teacher_dir)
+    seed_everything(cfg.seed)
+    if student_cfg.from_pruned is not None:
+        student, spec = checkpoint.load(pruned_dir(pruned_root, student_cfg.from_pruned))
+    else:
+        t = manifest["tasks"]["target"]
+        student = models.build(student_cfg.arch, t["shape"][0], t["num_classes"], **student_cfg.arch_kwargs)
+        spec = checkpoint.make_spec(student_cfg.arch, t["shape"][0], t["num_classes"], student_cfg.arch_kwargs)
+    tgt = _splits(data_dir, "target")
+    source = Split(*data.load_split(data_dir, "source", "train"))
+    teacher_info = read_info(teacher_dir)
+    lineage = {
+        "kdflow.candidate": name,
+        "kdflow.student": student_cfg.name,
+        "kdflow.student_arch": spec["arch"],
+        "kdflow.prune_ratio": str(student_cfg.from_pruned) if student_cfg.from_pruned is not None else "none",
+        "kdflow.loss": loss_cfg.kind,
+        "kdflow.loss_name": loss_cfg.name,
+        "kdflow.temperature": str(loss_cfg.temperature),
+        "kdflow.alpha": str(loss_cfg.alpha),
+        "kdflow.lambda": str(loss_cfg.lam),
+        "kdflow.transfer": loss_cfg.transfer,
+        "kdflow.teacher_run_id": teacher_info["run_id"],
+        "kdflow.data_hash": manifest["content_hash"],
+        tracking.PIPELINE_RUN_TAG: ctx.pipeline_run_id,
+    }
+    with ctx.child(name, "distill", lineage) as run:
+        tracking.log_params({**{f"student.{k}": v for k, v in student_cfg.model_dump().items()},
+                             **{f"loss.{k}": v for k, v in loss_cfg.model_dump().items()},
+                             **{f"train.{k}": v for k, v in cfg.distill.train.model_dump().items()}})
+        result = fit(student, tgt["train"], tgt["val"], cfg.distill.train, norm, seed=cfg.seed, device=device,
+                     loss=loss_cfg, teacher=teacher if loss_cfg.kind != "ce" else None, source=source,
+                     hint_layers=(models.hint_layer(spec["arch"]), models.hint_layer(tspec["arch"])),
+                     on_epoch=tracking.epoch_logger())
+        checkpoint.save(student, spec, out_dir)
+        tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_top1": result.best_val_acc})
+        model_uri = _log_servable(student, norm, data_dir)
+        _write_info(out_dir, {"name": name, "run_id": run.info.run_id, "model_uri": model_uri, "tags": lineage,
+                              "best_epoch": result.best_epoch})
+    return {"best_val_top1": result.best_val_acc, "best_epoch": result.best_epoch}
+
+
+# --------------------------------------------------------------------------------------------- 5. evaluation
+
+
+def evaluate_candidate(ctx: StepContext, data_dir: str, teacher_dir: str, student_dir: str, report_path: str) -> dict:
+    """Test-split accuracy, calibration, agreement with the teacher, size and latency of one candidate."""
+    cfg = ctx.cfg
+    manifest = data.read_manifest(data_dir)
+    norm = data.Normalizer.from_manifest(manifest)
+    classes = manifest["tasks"]["target"]["classes"]
+    student, _ = checkpoint.load(student_dir)
+    teacher, _ = checkpoint.load(teacher_dir)
+    info, teacher_info = read_info(student_dir), read_info(teacher_dir)
+    tgt = _splits(data_dir, "target")
+    s_test = predict(student, tgt["test"].x, norm)
+    metrics, cm = evaluate.classification_report(s_test, tgt["test"].y, len(classes), cfg.evaluate.ece_bins)
+    s_val = predict(student, tgt["val"].x, norm)
+    metrics["val_top1"] = accuracy(s_val, tgt["val"].y)
+    if len(classes) > 5:
+        metrics["val_top5"] = evaluate.topk_accuracy(s_val, tgt["val"].y, 5)
+    metrics["val_loss"] = float(torch.nn.functional.cross_entropy(s_val, tgt["val"].y))
+    metrics["teacher_agreement"] = evaluate.agreement(s_test, predict(teacher, tgt["test"].x, norm))
+    metrics.update(profile(student, norm, data_dir, cfg, student_dir))
+    t = teacher_info["metrics"]
+    metrics["compression"] = t["params"] / metrics["params"]
+    metrics["teacher_retention"] = metrics["test_top1"] / t["test_top1"]
+    metrics["speedup_b1"] = t["latency_ms_b1"] / metrics["latency_ms_b1"] if "latency_ms_b1" in t else 0.0
+    with tracking.reopen(info["run_id"]):
+        tracking.log_metrics(metrics)
+        tracking.log_figure(evaluate.confusion_figure(cm, classes, f"{info['name']} (test)"), "confusion_matrix.png")
+    report = {"name": info["name"], "metrics": metrics, "confusion_matrix": cm.tolist(), "classes": classes}
+    Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(report_path).write_text(json.dumps(report, indent=1))
+    return report
+
+
+# ------------------------------------------------------------------------------------------- 6. registration
+
+
+def register(
+    ctx: StepContext, data_dir: str, teacher_dir: str, student_dirs: list[str], report_paths: list[str], out_path: str
+) -> dict:
+    """Register the teacher and every candidate; promote the policy's pick if it beats the champion."""
+    import mlflow
+
+    cfg = ctx.cfg
+    manifest = data.read_manifest(data_dir)
+    reports = {}
+    for p in report_paths:
+        r = json.loads(Path(p).read_text())
+        reports[r["name"]] = r
+    candidates = []
+    for d in student_dirs:
+        info = read_info(d)
+        if info["name"] not in reports:
+            raise ValueError(f"candidate {info['name']!r} has no evaluation report")
+        candidates.append(registry.Candidate(info["name"], reports[info["name"]]["metrics"], info["run_id"],
+                                             info["model_uri"], info["tags"]))
+    teacher_info = read_info(teacher_dir)
+    test = Split(*data.load_split(data_dir, "target", "test"))
+
+    def rescore(model_uri: str) -> float:
+        import mlflow.pytorch
+
+        served = mlflow.pytorch.load_model(model_uri)
+        with torch.no_grad():
+            try:
+                logits = torch.cat([served(test.x[i : i + 256].float()) for i in range(0, len(test), 256)])
+            except Exception as err:  # a champion for another input shape or class count
+                raise ValueError(
+                    f"the current {cfg.registry.alias} of {cfg.registry.model_name!r} ({model_uri}) cannot be scored "
+                    f"on this run's test data ({err}); use another registry.model_name for this task"
+                ) from None
+        if logits.shape[1] != manifest["tasks"]["target"]["num_classes"]:
+            raise ValueError(f"the current {cfg.registry.alias} ({model_uri}) predicts {logits.shape[1]} classes, "
+                             f"this task has {manifest['tasks']['target']['num_classes']}")
+        return accuracy(logits, test.y)
+
+    with ctx.child("register", "register") as run:
+        teacher_version = mlflow.register_model(
+            teacher_info["model_uri"], cfg.registry.teacher_model_name,
+            tags={registry.TEST_HASH_TAG: manifest["target_test_hash"],
+                  **{k: f"{v:.6g}" for k, v in teacher_info["metrics"].items()}},
+        ).version
+        for c in candidates:
+            c.tags["kdflow.teacher_version"] = str(teacher_version)
+            c.tags["kdflow.teacher_model"] = cfg.registry.teacher_model_name
+        decision = registry.register_and_promote(
+            mlflow.MlflowClient(), cfg.registry, candidates, teacher_info["metrics"], manifest["target_test_hash"],
+            rescore,
+        )
+        summary = {
+            "decision": asdict(decision),
+            "teacher": {"version": int(teacher_version), **teacher_info["metrics"]},
+            "candidates": {c.name: {"version": decision.versions[c.name], **c.metrics} for c in candidates},
+            "model_name": cfg.registry.model_name,
+            "policy": cfg.registry.policy.model_dump(),
+        }
+        tracking.log_dict(summary, "decision.json")
+        mlflow.set_tags({"kdflow.promoted": str(decision.promoted), "kdflow.selected": str(decision.selected)})
+        tracking.log_metrics({"promoted": float(decision.promoted)})
+        summary["register_run_id"] = run.info.run_id
+    tracking.end_run(ctx.parent_id)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,174 @@
+"""The one place that talks to MLflow: store location, experiments, nested runs, metrics, figures, models.
+
+Pipeline steps are separate processes (separate pods on a cluster), so nothing here relies on process-global
+state from another step: the experiment is looked up by name and created race-safely, and the pipeline's
+parent run is found by a tag holding the pipeline job id, created by whichever step gets there first (the
+data-prep step, which runs alone). Child runs name their parent explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+PIPELINE_RUN_TAG = "kdflow.pipeline_run_id"
+STEP_TAG = "kdflow.step"
+HOME_ENV = "KDFLOW_HOME"
+
+
+def kdflow_home() -> Path:
+    """Where the embedded store lives: $KDFLOW_HOME, else ./kdflow-home under the working directory."""
+    return Path(os.environ.get(HOME_ENV, "kdflow-home")).expanduser().resolve()
+
+
+def embedded_tracking_uri(home: Path | None = None) -> str:
+    return f"sqlite:///{(home or kdflow_home()) / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """Explicit URI, else $MLFLOW_TRACKING_URI, else the embedded SQLite store."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri()
+
+
+def artifact_location_for(uri: str) -> str | None:
+    """Beside a SQLite store, artifacts go to <store dir>/artifacts; a tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
+    return None
+
+
+def connect(uri: str | None = None) -> str:
+    """Point this process's MLflow client at the store; create the SQLite file's folder if needed."""
+    import mlflow
+
+    uri = resolve_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str, uri: str | None = None) -> str:
+    """The experiment id for `name`, creating it if missing; safe when several processes race to create it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = connect(uri)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location_for(uri))
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def parent_run_id(experiment_id: str, pipeline_run_id: str, run_name: str, params: dict[str, str]) -> str:
+    """The pipeline's parent run (found by tag, created if missing), left RUNNING until registration ends it."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags={PIPELINE_RUN_TAG: pipeline_run_id})
+    for chunk in _chunks(list(params.items()), 100):
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in chunk])
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def child_run(experiment_id: str, parent_id: str, name: str, step: str, tags: dict[str, str] | None = None) -> Iterator:
+    """A nested run under the pipeline's parent run; FAILED if the block raises."""
+    import mlflow
+
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=name, parent_run_id=parent_id, tags={STEP_TAG: step, **(tags or {})}
+    ) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def reopen(run_id: str) -> Iterator:
+    """Continue logging into an existing run from another step."""
+    import mlflow
+
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
+def log_params(params: dict[str, Any]) -> None:
+    import mlflow
+
+    mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def epoch_logger(prefix: str = ""):
+    """An `on_epoch` callback for `kdflow.train.fit` that logs each epoch's metrics."""
+
+    def log(epoch: int, metrics: dict[str, float]) -> None:
+        log_metrics({f"{prefix}{k}": v for k, v in metrics.items()}, step=epoch)
+
+    return log
+
+
+def log_dict(data: dict, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(data, artifact_file)
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    mlflow.log_figure(fig, artifact_file)
+    plt.close(fig)
+
+
+def log_model(model, example, name: str = "model", params: dict | None = None) -> str:
+    """Log a servable PyTorch model (torch.export `pt2` format) with signature and input example; return its
+    `models:/<id>` URI. `example` needs a batch of 2 or more so the exported batch dimension stays dynamic."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    model = model.to("cpu").eval()
+    example = example.to("cpu").float()
+    with torch.no_grad():
+        out = model(example)
+    sig = infer_signature(example.numpy(), out.numpy())
+    info = mlflow.pytorch.log_model(
+        model,
+        name=name,
+        input_example=example.numpy(),
+        signature=sig,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+        params=params,
+    )
+    return info.model_uri
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]

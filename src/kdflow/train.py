@@ -1,0 +1,240 @@
+"""One training loop for pretraining, fine-tuning and distillation.
+
+Datasets here are small enough to live as uint8 tensors on the training device; batches are sliced from them
+and normalised (and augmented) on the device, so no DataLoader workers or per-sample PIL transforms sit in the
+hot path. A teacher, when given, is frozen in eval mode and only ever runs under `torch.no_grad()`.
+The best epoch on the validation split is kept: test data never steers training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdflow.config import LossConfig, TrainConfig
+from kdflow.data import Normalizer
+from kdflow.losses import HintAdapter, objective
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` → CUDA when present, else CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Split:
+    """One split held as tensors: uint8 images (N, C, H, W) and int64 labels (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def to(self, device: torch.device) -> Split:
+        pin = device.type == "cuda"
+        x, y = (self.x.pin_memory(), self.y.pin_memory()) if pin else (self.x, self.y)
+        return Split(x.to(device, non_blocking=pin), y.to(device, non_blocking=pin))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Batched tensor augmentation on uint8 (B, C, H, W): random crop after zero padding of H/8, and/or a
+    horizontal flip, each sample drawing its own offsets from `gen`."""
+    if kind == "none":
+        return x
+    b, _, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=gen.device).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=gen.device).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+    out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    if kind == "crop_flip":
+        flip = torch.rand(b, generator=gen, device=gen.device).to(x.device) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return out.contiguous()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, normalizer: Normalizer, batch_size: int = 512) -> torch.Tensor:
+    """Logits (N, K) for uint8 images, in eval mode, on the model's device; returned on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    normalizer = normalizer.to(device)
+    out = [model(normalizer(x[i : i + batch_size].to(device))).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y.cpu()).float().mean())
+
+
+class _FeatureTap:
+    """Keeps the latest output of one submodule (a forward hook), for feature hints."""
+
+    def __init__(self, model: nn.Module, layer: str):
+        self.value: torch.Tensor | None = None
+        self.handle = model.get_submodule(layer).register_forward_hook(self._hook)
+
+    def _hook(self, _module, _inputs, output) -> None:
+        self.value = output
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_acc: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _autocast(device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
+    """bf16 autocast on GPUs that support it, fp16 with a GradScaler on older ones, nothing on CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    cfg: TrainConfig,
+    normalizer: Normalizer,
+    *,
+    seed: int,
+    device: torch.device,
+    loss: LossConfig | None = None,
+    teacher: nn.Module | None = None,
+    source: Split | None = None,
+    hint_layers: tuple[str, str] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train `model` in place and leave it holding its best-validation-accuracy weights.
+
+    `loss` defaults to plain cross-entropy. With a teacher, the distillation terms use the transfer set that
+    `loss.transfer` names: the target batch itself, a batch of `source` images, or both concatenated.
+    `hint_layers` = (student layer, teacher layer) for feature-hint objectives.
+    """
+    loss = loss or LossConfig(name="ce", kind="ce")
+    if loss.kind != "ce" and teacher is None:
+        raise ValueError(f"loss {loss.name!r} ({loss.kind}) needs a teacher")
+    if loss.kind != "ce" and loss.transfer != "target" and source is None:
+        raise ValueError(f"loss {loss.name!r} uses transfer={loss.transfer!r} but no source data was given")
+    seed_everything(seed)
+    model.to(device)
+    normalizer = normalizer.to(device)
+    train, val = train.to(device), val.to(device)
+    use_source = loss.kind != "ce" and loss.transfer in ("source", "both")
+    if use_source:
+        source = source.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    taps, adapter = None, None
+    if loss.kind == "hint":
+        s_tap, t_tap = _FeatureTap(model, hint_layers[0]), _FeatureTap(teacher, hint_layers[1])
+        taps = (s_tap, t_tap)
+        with torch.no_grad():  # one probe batch tells the adapter its channel counts
+            probe = normalizer(train.x[:2])
+            model.eval()(probe)
+            teacher(probe)
+        adapter = HintAdapter(s_tap.value.shape[1], t_tap.value.shape[1]).to(device)
+
+    params = list(model.parameters()) + (list(adapter.parameters()) if adapter else [])
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    amp, scaler = _autocast(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    best = FitResult(best_epoch=0, best_val_acc=accuracy(predict(model, val.x, normalizer), val.y))
+    best_state = copy.deepcopy(model.state_dict())
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = torch.randperm(len(train), generator=gen, device=device)
+        src_order = torch.randperm(len(source), generator=gen, device=device) if use_source else None
+        sums: dict[str, float] = {}
+        for i in range(steps_per_epoch):
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            xb = normalizer(augment(train.x[idx], cfg.augment, gen))  # (B, C, H, W)
+            yb = train.y[idx]
+            with amp:
+                if use_source:
+                    j = (torch.arange(len(idx), device=device) + i * cfg.batch_size) % len(source)
+                    xs = normalizer(augment(source.x[src_order[j]], cfg.augment, gen))
+                    xt = xs if loss.transfer == "source" else torch.cat([xb, xs])
+                    out = model(torch.cat([xb, xs]))  # one student pass over labelled + transfer images
+                    logits = out[: len(xb)]
+                    s_transfer = out[len(xb) :] if loss.transfer == "source" else out
+                else:
+                    xt = xb
+                    logits = s_transfer = model(xb)  # (B, K)
+                s_feat = taps[0].value if taps else None
+                t_logits = t_feat = None
+                if teacher is not None and loss.kind != "ce":
+                    with torch.no_grad():
+                        t_logits = teacher(xt)  # (B', K)
+                    t_feat = taps[1].value if taps else None
+                    if taps and s_feat.shape[0] != t_feat.shape[0]:  # student saw labelled + source images
+                        s_feat = s_feat[len(xb) :]
+                adapted = adapter(s_feat, t_feat.shape[-2:]) if adapter else None
+                total, parts = objective(loss, logits, yb, s_transfer, t_logits, adapted, t_feat)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(total).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                total.backward()
+                opt.step()
+            sched.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
+
+        val_logits = predict(model, val.x, normalizer)
+        metrics = {f"train_{k}": v / steps_per_epoch for k, v in sums.items()}
+        metrics["val_acc"] = accuracy(val_logits, val.y)
+        metrics["val_loss"] = float(F.cross_entropy(val_logits, val.y.cpu()))
+        metrics["lr"] = sched.get_last_lr()[0]
+        best.history.append(metrics)
+        if metrics["val_acc"] > best.best_val_acc:
+            best.best_epoch, best.best_val_acc = epoch, metrics["val_acc"]
+            best_state = copy.deepcopy(model.state_dict())
+        if on_epoch:
+            on_epoch(epoch, metrics)
+    if taps:
+        for t in taps:
+            t.close()
+    model.load_state_dict(best_state)
+    return best
