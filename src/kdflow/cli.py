@@ -51,7 +51,7 @@ def run(
     """Run the whole pipeline locally (kfp.local), log to MLflow and promote a champion."""
     from kdflow.pipelines.local import PipelineFailed, run_local
 
-    cfg = _load(config, set_)
+    cfg = _load(config, set_).with_local_paths(Path.cwd())
     home = (home or tracking.kdflow_home()).expanduser().resolve()
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.embedded_tracking_uri(home)
     n = len(cfg.candidates())

@@ -32,13 +32,13 @@ class DataConfig(_Section):
     source_classes: list[int] | None = None
     target_classes: list[int] | None = None
     shift: Literal["hflip", "vflip", "rot90", "invert"] = "hflip"
-    source_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    source_fraction: float = Field(0.4, gt=0.0, lt=1.0)
     target_samples_per_class: int | None = Field(None, ge=1)
     max_source_samples: int | None = Field(None, ge=10)
     image_size: int | None = Field(None, ge=4, le=1024)
     channels: Literal[1, 3] | None = None
-    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
-    test_fraction: float = Field(0.25, gt=0.0, lt=0.5)
+    val_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.3, gt=0.0, lt=0.5)
     root: str = "~/.cache/kdflow/datasets"
     download: bool = True
 
@@ -56,6 +56,18 @@ class DataConfig(_Section):
             if both:
                 raise ValueError(f"data.source_classes and data.target_classes overlap: {both}")
         return self
+
+
+LOCAL_PATH_SOURCES = ("mnist-idx:", "usps:", "imagefolder:")
+
+
+def absolute_source(spec: str | None, base: Path) -> str | None:
+    """`usps:../data/usps` → `usps:/abs/data/usps` (relative to `base`); other specs are returned unchanged."""
+    for prefix in LOCAL_PATH_SOURCES:
+        if spec and spec.startswith(prefix):
+            path = Path(spec[len(prefix) :]).expanduser()
+            return prefix + str(path if path.is_absolute() else (base / path).resolve())
+    return spec
 
 
 class TrainConfig(_Section):
@@ -227,6 +239,13 @@ class Config(_Section):
             for l in self.distill.losses
         ]
 
+    def with_local_paths(self, base: Path) -> Config:
+        """A copy whose local data paths are absolute, so steps running in other folders find the data."""
+        data = self.data.model_copy(
+            update={"source": absolute_source(self.data.source, base), "target": absolute_source(self.data.target, base)}
+        )
+        return self.model_copy(update={"data": data})
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 
@@ -283,6 +302,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
         origin = str(p)
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config ({origin}): top level must be a mapping, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

@@ -66,8 +66,13 @@ def read_idx(path: str | Path) -> np.ndarray:
     if dtype is None:
         raise DataError(f"{path}: unknown IDX element type 0x{raw[2]:02x}")
     ndim = raw[3]
-    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes; {ndim} dimensions need {header})")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    if (len(raw) - header) % np.dtype(dtype).itemsize:
+        raise DataError(f"{path}: header says {shape} but the payload is {len(raw) - header} bytes")
+    data = np.frombuffer(raw, dtype=dtype, offset=header)
     if data.size != int(np.prod(shape)):
         raise DataError(f"{path}: header says {shape} but holds {data.size} values")
     return data.reshape(shape)
@@ -127,11 +132,11 @@ def read_usps_libsvm(path: str | Path) -> ImageSet:
 
 
 def load_digits_set() -> ImageSet:
-    """scikit-learn's bundled 8×8 digits (1,797 images, values 0–16): the offline default."""
+    """scikit-learn's bundled 8×8 digits (1,797 images, 17 grey levels 0–16 spread over 0–255): the offline default."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.from_numpy(np.clip(d.images * 16, 0, 255).astype(np.uint8)).unsqueeze(1).contiguous()
+    x = torch.from_numpy(np.round(d.images * 255 / 16).astype(np.uint8)).unsqueeze(1).contiguous()
     return ImageSet(x, torch.from_numpy(d.target.astype(np.int64)), [str(c) for c in d.target_names])
 
 
@@ -297,6 +302,11 @@ def build_tasks(cfg: DataConfig, seed: int) -> tuple[ImageSet, ImageSet]:
         n = len(src.classes)
         s_cls = cfg.source_classes if cfg.source_classes is not None else list(range(n // 2))
         t_cls = cfg.target_classes if cfg.target_classes is not None else [c for c in range(n) if c not in s_cls]
+        both = sorted(set(s_cls) & set(t_cls))
+        if both:
+            raise DataError(f"data.source_classes {s_cls} and data.target_classes {t_cls} overlap: {both}")
+        if not s_cls or not t_cls:
+            raise DataError("data.source_classes and data.target_classes must each name at least one class")
         return select_classes(src, s_cls), select_classes(src, t_cls)
     # domain_shift: disjoint halves of one dataset; the target half is transformed
     halves = hashed_split(src.x, {"source": cfg.source_fraction, "target": 1 - cfg.source_fraction}, f"pool/{seed}")

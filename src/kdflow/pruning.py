@@ -62,7 +62,8 @@ def prune(
     """Remove `ratio` of the channels of every prunable layer of `model` (in place; the head's outputs stay).
 
     `example` is one normalised input batch (N, C, H, W) for tracing. `calibration` batches (normalised
-    inputs, labels) feed the gradient for the Taylor criterion. A layer with C channels keeps int(C·(1−ratio)).
+    inputs, labels) feed the gradient for the Taylor criterion. A layer with C channels keeps int(C·(1−ratio)),
+    rounded down to a multiple of `round_to` when that is set (so `round_to` can prune more than `ratio`).
     """
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"prune ratio must be in (0, 1), got {ratio}")

@@ -123,7 +123,7 @@ def register_and_promote(
 
     versions: dict[str, int] = {}
     for c in candidates:  # one call per version: each version appears whole (files, run link, tags) or not at all
-        tags = {**c.tags, TEST_HASH_TAG: test_hash, **{k: f"{v:.6g}" for k, v in c.metrics.items()}}
+        tags = {**c.tags, TEST_HASH_TAG: test_hash, **{k: repr(float(v)) for k, v in c.metrics.items()}}
         mv = mlflow.register_model(c.model_uri, cfg.model_name, tags=tags)
         versions[c.name] = int(mv.version)
 

@@ -341,7 +341,7 @@ def register(
         teacher_version = mlflow.register_model(
             teacher_info["model_uri"], cfg.registry.teacher_model_name,
             tags={registry.TEST_HASH_TAG: manifest["target_test_hash"],
-                  **{k: f"{v:.6g}" for k, v in teacher_info["metrics"].items()}},
+                  **{k: repr(float(v)) for k, v in teacher_info["metrics"].items()}},
         ).version
         for c in candidates:
             c.tags["kdflow.teacher_version"] = str(teacher_version)

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 PIPELINE_RUN_TAG = "kdflow.pipeline_run_id"
 STEP_TAG = "kdflow.step"
+PIPELINE_STEP = "pipeline"  # STEP_TAG value of the parent run; children carry their own step name
 HOME_ENV = "KDFLOW_HOME"
 
 
@@ -74,11 +75,15 @@ def parent_run_id(experiment_id: str, pipeline_run_id: str, run_name: str, param
 
     client = mlflow.MlflowClient()
     found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'", max_results=1
+        [experiment_id],
+        filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}' and tags.`{STEP_TAG}` = '{PIPELINE_STEP}'",
+        max_results=1,
     )
     if found:
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags={PIPELINE_RUN_TAG: pipeline_run_id})
+    run = client.create_run(
+        experiment_id, run_name=run_name, tags={PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: PIPELINE_STEP}
+    )
     for chunk in _chunks(list(params.items()), 100):
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in chunk])
     return run.info.run_id

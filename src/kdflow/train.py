@@ -143,6 +143,8 @@ def fit(
     loss = loss or LossConfig(name="ce", kind="ce")
     if loss.kind != "ce" and teacher is None:
         raise ValueError(f"loss {loss.name!r} ({loss.kind}) needs a teacher")
+    if loss.kind == "hint" and hint_layers is None:
+        raise ValueError(f"loss {loss.name!r} (hint) needs hint_layers=(student layer, teacher layer)")
     if loss.kind != "ce" and loss.transfer != "target" and source is None:
         raise ValueError(f"loss {loss.name!r} uses transfer={loss.transfer!r} but no source data was given")
     seed_everything(seed)
@@ -169,7 +171,8 @@ def fit(
 
     params = list(model.parameters()) + (list(adapter.parameters()) if adapter else [])
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              nesterov=cfg.momentum > 0)
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)

@@ -1,0 +1,269 @@
+"""The typed run configuration: defaults, error messages that name the key, YAML loading and overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdflow.config import Config, ConfigError, config_from_json, load_config, parse_config
+
+DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def error_of(data) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------- defaults
+
+
+def test_builtin_default_is_valid():
+    cfg = Config()
+    assert cfg == parse_config({}) == parse_config(None) == load_config()
+    assert cfg.prune.ratios == [0.6, 0.75]
+    assert {s.from_pruned for s in cfg.distill.students} <= set(cfg.prune.ratios)
+
+
+@pytest.mark.skipif(not DEFAULT_YAML.is_file(), reason="configs/default.yaml not written yet")
+def test_default_yaml_loads():
+    cfg = load_config(DEFAULT_YAML)
+    assert isinstance(cfg, Config)
+    assert cfg.candidates()  # at least one student × loss
+
+
+# ------------------------------------------------------------------------------------------ unknown keys
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"distill": {"train": {"epochz": 3}}}, "distill.train.epochz"),
+        ({"experimnt": "x"}, "experimnt"),
+        ({"registry": {"policy": {"max_param": 3}}}, "registry.policy.max_param"),
+        ({"teacher": {"finetune": {"learning_rate": 0.1}}}, "teacher.finetune.learning_rate"),
+        ({"distill": {"losses": [{"name": "kd", "kind": "kd", "temp": 2.0}]}}, "distill.losses.0.temp"),
+    ],
+)
+def test_unknown_key_is_named(data, key):
+    msg = error_of(data)
+    assert f"{key}: unknown key" in msg
+
+
+def test_every_bad_key_is_reported_at_once():
+    msg = error_of({"seed": -1, "data": {"val_fraction": 0.7}, "prune": {"bogus": 1}})
+    assert "seed" in msg and "data.val_fraction" in msg and "prune.bogus: unknown key" in msg
+
+
+# -------------------------------------------------------------------------------------------- bad values
+
+
+@pytest.mark.parametrize(
+    "data, key, shown",
+    [
+        ({"prune": {"ratios": [1.5]}}, "prune.ratios", "1.5"),
+        ({"prune": {"ratios": [0.0]}}, "prune.ratios", "0.0"),
+        ({"prune": {"ratios": [0.5, 0.5]}}, "prune.ratios", "[0.5, 0.5]"),
+        ({"distill": {"train": {"lr": -1}}}, "distill.train.lr", "got -1"),
+        ({"data": {"val_fraction": 0.7}}, "data.val_fraction", "got 0.7"),
+        ({"data": {"test_fraction": 0.0}}, "data.test_fraction", "got 0.0"),
+        ({"teacher": {"pretrain": {"epochs": -3}}}, "teacher.pretrain.epochs", "got -3"),
+        ({"registry": {"min_improvement": 2}}, "registry.min_improvement", "got 2"),
+        ({"registry": {"alias": "1bad"}}, "registry.alias", "'1bad'"),
+        ({"device": "tpu"}, "device", "'tpu'"),
+        ({"distill": {"train": {"optimizer": "adam"}}}, "distill.train.optimizer", "'adam'"),
+    ],
+)
+def test_out_of_range_value_names_key_and_value(data, key, shown):
+    msg = error_of(data)
+    assert key in msg
+    assert shown in msg
+
+
+def test_prune_ratio_message_is_readable():
+    msg = error_of({"prune": {"ratios": [1.5]}})
+    assert "each prune ratio must be in (0, 1), got 1.5" in msg
+
+
+def test_from_pruned_must_be_a_prune_ratio():
+    msg = error_of({"prune": {"ratios": [0.5, 0.75]}})  # default students use 0.6 and 0.75
+    assert "distill.students[pruned60].from_pruned=0.6" in msg
+    assert "prune.ratios=[0.5, 0.75]" in msg
+
+
+def test_student_needs_exactly_one_origin():
+    assert "exactly one of from_pruned or arch" in error_of(
+        {"distill": {"students": [{"name": "s", "from_pruned": 0.6, "arch": "cnn"}]}}
+    )
+    assert "exactly one of from_pruned or arch" in error_of({"distill": {"students": [{"name": "s"}]}})
+
+
+def test_duplicate_student_names_fail():
+    msg = error_of(
+        {"distill": {"students": [{"name": "small", "arch": "cnn"}, {"name": "small", "arch": "resnet20"}]}}
+    )
+    assert "distill.students names must be unique" in msg
+    assert "'small'" in msg
+
+
+def test_duplicate_loss_names_fail():
+    msg = error_of({"distill": {"losses": [{"name": "x", "kind": "ce"}, {"name": "x", "kind": "kd"}]}})
+    assert "distill.losses names must be unique" in msg
+
+
+def test_empty_grid_fails():
+    assert "at least one entry" in error_of({"distill": {"students": []}})
+
+
+def test_data_setup_consistency():
+    assert "data.target is required" in error_of({"data": {"setup": "cross_dataset"}})
+    assert "data.target='usps'" in error_of({"data": {"target": "usps"}})  # domain_shift by default
+    assert "overlap: [3]" in error_of(
+        {"data": {"setup": "class_split", "source_classes": [1, 2, 3], "target_classes": [3, 4]}}
+    )
+
+
+def test_top_level_must_be_a_mapping():
+    assert "top level must be a mapping" in error_of([1, 2])
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def test_load_config_applies_dotted_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("experiment: mine\nseed: 7\ndistill:\n  train:\n    epochs: 30\n    lr: 0.01\n")
+    cfg = load_config(path, overrides={"distill.train.epochs": 2, "registry.policy.max_params": 5000})
+    assert cfg.distill.train.epochs == 2
+    assert cfg.distill.train.lr == 0.01  # sibling keys from the file survive
+    assert cfg.experiment == "mine" and cfg.seed == 7
+    assert cfg.registry.policy.max_params == 5000  # a section the file did not mention is created
+
+
+def test_load_config_without_file_uses_defaults_plus_overrides():
+    cfg = load_config(None, overrides={"seed": 3, "teacher.arch": "resnet20"})
+    assert cfg.seed == 3 and cfg.teacher.arch == "resnet20"
+    assert cfg.distill == Config().distill
+
+
+def test_override_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"distill\.train\.epochz: unknown key"):
+        load_config(None, overrides={"distill.train.epochz": 2})
+    with pytest.raises(ConfigError, match=r"distill\.train\.epochs"):
+        load_config(None, overrides={"distill.train.epochs": -2})
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 4\n")
+    with pytest.raises(ConfigError, match="seed is not a section"):
+        load_config(path, overrides={"seed.value": 1})
+
+
+def test_error_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("prune:\n  ratios: [1.5]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "prune.ratios" in str(info.value)
+
+
+def test_empty_file_is_the_default(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == Config()
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_directory_is_not_a_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path)
+
+
+def test_invalid_yaml(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("distill: {train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_non_mapping_yaml(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(path)
+
+
+def test_non_mapping_yaml_with_overrides(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(path, overrides={"seed": 1})  # today: TypeError (list indices must be integers)
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(path, overrides={"distill.train.epochs": 1})  # today: AttributeError (no setdefault)
+
+
+# ------------------------------------------------------------------------------------- grid and round trip
+
+
+def test_candidates_is_the_student_by_loss_grid():
+    cfg = Config()
+    grid = cfg.candidates()
+    students = [s.name for s in cfg.distill.students]
+    losses = [l.name for l in cfg.distill.losses]
+    assert [c["name"] for c in grid] == [f"{s}-{l}" for s in students for l in losses]
+    assert len(grid) == len(students) * len(losses) == 6
+    first = grid[0]
+    assert first["student"] == cfg.distill.students[0].model_dump()
+    assert first["loss"] == cfg.distill.losses[0].model_dump()
+
+
+def test_candidates_for_a_custom_grid():
+    cfg = parse_config(
+        {
+            "distill": {
+                "students": [{"name": "r8", "arch": "resnet8x4"}, {"name": "p", "from_pruned": 0.75}],
+                "losses": [{"name": "hint", "kind": "hint", "beta": 2.0}],
+            }
+        }
+    )
+    grid = cfg.candidates()
+    assert [c["name"] for c in grid] == ["r8-hint", "p-hint"]
+    assert grid[0]["student"]["arch"] == "resnet8x4" and grid[1]["student"]["from_pruned"] == 0.75
+    assert grid[1]["loss"]["beta"] == 2.0
+
+
+def test_json_round_trip():
+    cfg = Config()
+    assert config_from_json(cfg.to_json()) == cfg
+    custom = load_config(
+        None,
+        overrides={
+            "seed": 11,
+            "prune.ratios": [0.3, 0.5],
+            "prune.round_to": 8,
+            "distill.students": [
+                {"name": "p30", "from_pruned": 0.3},
+                {"name": "c", "arch": "cnn", "arch_kwargs": {"width": 8}},
+            ],
+            "registry.policy.max_latency_ms": 1.5,
+        },
+    )
+    assert config_from_json(custom.to_json()) == custom
+    assert custom.to_json() == config_from_json(custom.to_json()).to_json()
+
+
+def test_config_from_json_validates():
+    with pytest.raises(ConfigError, match="pipeline parameter config_json"):
+        config_from_json('{"distill": {"train": {"epochz": 1}}}')
+
+
+def test_flat_gives_dotted_string_params():
+    flat = Config().flat()
+    assert flat["distill.train.epochs"] == "30"
+    assert flat["prune.ratios"] == "[0.6, 0.75]"
+    assert flat["registry.policy.max_params"] == "None"
+    assert all(isinstance(v, str) for v in flat.values())

@@ -1,0 +1,96 @@
+"""The README's main command on tiny settings: three local pipeline runs against one embedded MLflow store.
+
+Run 1 promotes the first champion; run 2 (students not trained at all) registers worse versions and leaves the
+alias where it was; run 3 (students trained longer) beats the champion and moves the alias.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from kdflow.config import load_config
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+MODEL = "kdflow-digits-student"
+TEACHER = "kdflow-digits-teacher"
+
+
+def _run(tmp_path, name: str, distill_epochs: int) -> subprocess.CompletedProcess:
+    cfg = load_config(None, tiny_overrides(**{"distill.train": {"epochs": distill_epochs}}))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdflow.cli", "run", "--config", str(path), "--home", str(tmp_path / "home")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _champion(client: MlflowClient):
+    mv = client.get_model_version_by_alias(MODEL, "champion")
+    return int(mv.version), float(mv.tags["test_top1"])
+
+
+def test_local_pipeline_promotes_then_keeps_then_moves_champion(tmp_path):
+    first = _run(tmp_path, "first", distill_epochs=2)
+    assert "champion" in first.stdout and "promoted" in first.stdout
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    client = MlflowClient()
+
+    # one parent run per pipeline run, a child per step and per candidate, all finished
+    exp = client.get_experiment_by_name("kdflow-digits")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["distill.train.epochs"] == "2"
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"data-prep", "teacher", "prune", "pruned60-kd", "pruned60-ce", "register"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    kd = children["pruned60-kd"]
+    assert len(client.get_metric_history(kd.info.run_id, "val_acc")) == 2  # one point per epoch
+    assert {"test_top1", "latency_ms_b1", "teacher_agreement", "test_ece", "flops"} <= set(kd.data.metrics)
+    assert kd.data.tags["kdflow.loss"] == "kd" and kd.data.tags["kdflow.prune_ratio"] == "0.6"
+    assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(kd.info.run_id)}
+    assert len(client.get_metric_history(children["teacher"].info.run_id, "pretrain_val_acc")) == 3
+
+    # both candidates registered, teacher registered separately, champion set
+    versions = client.search_model_versions(f"name='{MODEL}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert len(client.search_model_versions(f"name='{TEACHER}'")) == 1
+    v1 = client.get_model_version(MODEL, "1")
+    assert v1.tags["kdflow.teacher_version"] == "1" and v1.tags["kdflow.data_hash"]
+    assert v1.tags["kdflow.pipeline_run_id"] == parent.data.tags["kdflow.pipeline_run_id"]
+    champ_version, champ_score = _champion(client)
+    assert champ_version in (1, 2)
+
+    # the registered champion is a servable model: raw pixels in, logits out, any batch size
+    import torch
+
+    served = mlflow.pytorch.load_model(f"models:/{MODEL}@champion")
+    assert served(torch.rand(5, 1, 8, 8) * 255).shape == (5, 10)
+
+    # a worse run: registered, champion unchanged
+    second = _run(tmp_path, "worse", distill_epochs=0)
+    assert "champion unchanged" in second.stdout
+    assert sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'")) == [1, 2, 3, 4]
+    assert _champion(client) == (champ_version, champ_score)
+
+    # a better run: the alias moves to one of its versions
+    third = _run(tmp_path, "better", distill_epochs=12)
+    assert "promoted" in third.stdout
+    new_version, new_score = _champion(client)
+    assert new_version in (5, 6)
+    assert new_score > champ_score

@@ -1,0 +1,408 @@
+"""The architecture registry and the training loop, on tiny inputs and a tiny separable task (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kdflow import models
+from kdflow.config import LossConfig, TrainConfig
+from kdflow.data import Normalizer
+from kdflow.train import Split, accuracy, augment, fit, predict
+
+CPU = torch.device("cpu")
+TORCHVISION = {"resnet18", "mobilenet_v3_small"}
+
+# arch → (in_channels, image size) used to build and run it
+INPUTS = {
+    "cnn": (1, 8),
+    "resnet20": (3, 16),
+    "resnet32": (3, 16),
+    "resnet56": (3, 16),
+    "resnet8x4": (3, 16),
+    "resnet32x4": (3, 16),
+    "resnet18": (1, 32),
+    "mobilenet_v3_small": (1, 32),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and far faster when other work shares the CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_every_registered_arch_has_an_input_spec():
+    assert set(models.MODELS) == set(INPUTS)
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Every registry architecture, built once (torchvision ones offline: no weights, 1 input channel)."""
+    torch.manual_seed(0)
+    return {arch: models.build(arch, in_channels=c, num_classes=7) for arch, (c, _) in INPUTS.items()}
+
+
+@pytest.mark.parametrize("arch", sorted(INPUTS))
+def test_forward_shape(built, arch):
+    c, size = INPUTS[arch]
+    model = built[arch].eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, c, size, size))
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("arch", sorted(INPUTS))
+def test_replace_head_changes_output_size(arch):
+    c, size = INPUTS[arch]
+    torch.manual_seed(0)
+    model = models.build(arch, in_channels=c, num_classes=10)
+    same = models.replace_head(model, 3, arch)
+    assert same is model
+    head = model.get_submodule(models.MODELS[arch].head)
+    assert isinstance(head, nn.Linear) and head.out_features == 3
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, c, size, size)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("arch", sorted(INPUTS))
+def test_hint_layer_is_a_feature_map_submodule(built, arch):
+    c, size = INPUTS[arch]
+    model = built[arch].eval()
+    name = models.hint_layer(arch)
+    layer = model.get_submodule(name)  # raises AttributeError when the name is wrong
+    seen = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    with torch.no_grad():
+        model(torch.randn(2, c, size, size))
+    handle.remove()
+    assert len(seen) == 1 and len(seen[0]) == 4 and seen[0][0] == 2  # (N, C, H, W)
+
+
+def test_torchvision_stem_takes_one_channel(built):
+    for arch in TORCHVISION:
+        first = next(m for m in built[arch].modules() if isinstance(m, nn.Conv2d))
+        assert first.in_channels == 1
+
+
+def test_small_cnn_width_sets_channels():
+    m = models.build("cnn", in_channels=3, num_classes=5, width=4)
+    assert m.features[0][0].out_channels == 4 and m.classifier.in_features == 8
+    assert models.count_params(m) < models.count_params(models.build("cnn", 3, 5, width=8))
+
+
+def test_unknown_arch_is_named():
+    with pytest.raises(models.ModelError, match="'vgg_nope'"):
+        models.build("vgg_nope", in_channels=1, num_classes=10)
+
+
+def test_bad_arch_kwargs():
+    with pytest.raises(models.ModelError, match="'cnn'"):
+        models.build("cnn", in_channels=1, num_classes=10, depth=3)
+
+
+def test_bad_resnet_depth():
+    with pytest.raises(models.ModelError, match="6n\\+2"):
+        models.CifarResNet(21, (16, 16, 32, 64))
+
+
+def test_count_params():
+    assert models.count_params(nn.Linear(4, 3)) == 15
+
+
+# ---------------------------------------------------------------------------------------------- augment
+
+
+def images(b=16, c=2, h=16, w=16, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 256, (b, c, h, w), generator=g, dtype=torch.uint8)  # no zeros: padding is visible
+
+
+def gen(seed=0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_augment_none_is_identity():
+    x = images()
+    assert augment(x, "none", gen()) is x
+
+
+@pytest.mark.parametrize("kind", ["crop", "crop_flip"])
+def test_augment_keeps_shape_and_dtype(kind):
+    x = images(b=5, c=3, h=12, w=10)
+    out = augment(x, kind, gen())
+    assert out.shape == x.shape and out.dtype == torch.uint8 and out.is_contiguous()
+
+
+@pytest.mark.parametrize("kind", ["crop", "crop_flip"])
+def test_augment_is_deterministic_per_generator_seed(kind):
+    x = images(b=64)
+    assert torch.equal(augment(x, kind, gen(5)), augment(x, kind, gen(5)))
+    assert not torch.equal(augment(x, kind, gen(5)), augment(x, kind, gen(6)))
+
+
+def windows(img: torch.Tensor, pad: int, flips: bool) -> list[torch.Tensor]:
+    """Every crop of `img` (C, H, W) after zero padding by `pad`, and their mirror images when `flips`."""
+    _, h, w = img.shape
+    padded = torch.nn.functional.pad(img, (pad, pad, pad, pad))
+    out = [padded[:, dy : dy + h, dx : dx + w] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+    return out + [o.flip(-1) for o in out] if flips else out
+
+
+@pytest.mark.parametrize("kind", ["crop", "crop_flip"])
+def test_crop_only_shifts_content(kind):
+    x = images(b=32, c=2, h=16, w=16)  # pad = 16 // 8 = 2
+    out = augment(x, kind, gen(1))
+    shifted = 0
+    for i in range(len(x)):
+        assert out[i].sum() <= x[i].sum()  # zero padding can only drop content, never add it
+        assert any(torch.equal(out[i], win) for win in windows(x[i], 2, flips=kind == "crop_flip"))
+        shifted += not torch.equal(out[i], x[i])
+    assert shifted > len(x) // 2  # the offsets really vary (P(centre crop) = 1/25 per sample)
+
+
+def test_crop_on_tiny_images_pads_at_least_one_pixel():
+    x = images(b=64, c=1, h=4, w=4)  # h // 8 == 0 → pad 1
+    out = augment(x, "crop", gen(2))
+    for i in range(len(x)):
+        assert any(torch.equal(out[i], win) for win in windows(x[i], 1, flips=False))
+
+
+def test_crop_flip_flips_some_samples():
+    x = images(b=64, c=1, h=16, w=16)
+    out = augment(x, "crop_flip", gen(3))
+    crops_only = [
+        any(torch.equal(out[i], win) for win in windows(x[i], 2, flips=False)) for i in range(len(x))
+    ]
+    assert 0 < sum(crops_only) < len(x)
+
+
+# ------------------------------------------------------------------------------------------------- fit
+
+
+def quadrants(n: int, seed: int) -> Split:
+    """8×8 one-channel uint8 images, 4 classes: the class is which quadrant is bright; the rest is noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randint(0, 60, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
+    for i, label in enumerate(y.tolist()):
+        r, c = divmod(label, 2)
+        x[i, 0, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 150
+    return Split(x, y)
+
+
+TRAIN, VAL, SOURCE = quadrants(200, 1), quadrants(80, 2), quadrants(64, 3)
+NORM = Normalizer([0.5], [0.5])
+
+
+def cfg(epochs: int = 6, **kw) -> TrainConfig:
+    return TrainConfig(**{"epochs": epochs, "batch_size": 32, "lr": 0.05, **kw})
+
+
+def cnn(width: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return models.build("cnn", in_channels=1, num_classes=4, width=width)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> nn.Module:
+    t = cnn(8)
+    res = fit(t, TRAIN, VAL, cfg(6), NORM, seed=0, device=CPU)
+    assert res.best_val_acc == 1.0
+    return t
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_fit_cross_entropy_solves_the_task():
+    model = cnn(4)
+    seen = []
+    res = fit(model, TRAIN, VAL, cfg(6), NORM, seed=0, device=CPU, on_epoch=lambda e, m: seen.append(e))
+    assert res.best_val_acc == 1.0
+    assert 1 <= res.best_epoch <= 6
+    assert seen == [1, 2, 3, 4, 5, 6] and len(res.history) == 6
+    assert {"train_ce", "train_loss", "val_acc", "val_loss", "lr"} <= set(res.history[0])
+    # the model is left holding its best-validation weights
+    assert accuracy(predict(model, VAL.x, NORM), VAL.y) == res.best_val_acc
+
+
+def test_fit_restores_the_best_epoch_weights():
+    model = cnn(4)
+    snapshots = {0: state(model)}
+    res = fit(
+        model,
+        TRAIN,
+        VAL,
+        cfg(8, lr=0.5, augment="crop"),
+        NORM,
+        seed=0,
+        device=CPU,
+        on_epoch=lambda e, m: snapshots.__setitem__(e, state(model)),
+    )
+    accs = [h["val_acc"] for h in res.history]
+    assert (
+        res.best_epoch < 8
+    )  # later epochs never beat it (ties keep the earlier epoch), so the last is not kept
+    assert res.best_val_acc == max(accs)
+    assert res.best_epoch == 1 + accs.index(max(accs))  # the first epoch reaching the best accuracy
+    final = model.state_dict()
+    assert all(torch.equal(snapshots[res.best_epoch][k], final[k]) for k in final)
+
+
+def test_fit_sgd_without_momentum():
+    res = fit(cnn(4), TRAIN, VAL, cfg(1, momentum=0.0), NORM, seed=0, device=CPU)
+    assert len(res.history) == 1
+
+
+def test_fit_zero_epochs_keeps_the_initial_weights():
+    model = cnn(4)
+    before = state(model)
+    res = fit(model, TRAIN, VAL, cfg(0), NORM, seed=0, device=CPU)
+    assert res.best_epoch == 0 and res.history == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fit_with_adamw_and_augmentation_trains():
+    model = cnn(4)
+    res = fit(
+        model,
+        TRAIN,
+        VAL,
+        TrainConfig(epochs=6, batch_size=32, lr=0.01, optimizer="adamw", augment="crop"),
+        NORM,
+        seed=0,
+        device=CPU,
+    )
+    assert res.best_val_acc >= 0.9
+
+
+def test_fit_kd_with_teacher_trains(teacher):
+    teacher_before = state(teacher)
+    model = cnn(4)
+    res = fit(
+        model,
+        TRAIN,
+        VAL,
+        cfg(10),
+        NORM,
+        seed=0,
+        device=CPU,
+        loss=LossConfig(name="kd", kind="kd"),
+        teacher=teacher,
+    )
+    assert res.best_val_acc == 1.0
+    assert {"train_ce", "train_kd"} <= set(res.history[0])
+    # the teacher is frozen: in eval mode, without gradients, weights (and BN statistics) untouched
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_fit_hint_with_wider_teacher_trains(teacher):
+    model = cnn(4)
+    res = fit(
+        model,
+        TRAIN,
+        VAL,
+        cfg(10),
+        NORM,
+        seed=0,
+        device=CPU,
+        loss=LossConfig(name="hint", kind="hint"),
+        teacher=teacher,
+        hint_layers=("features", "features"),
+    )
+    assert res.best_val_acc >= 0.9
+    assert {"train_ce", "train_kd", "train_hint"} <= set(res.history[0])
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in res.history)
+    assert not model.features._forward_hooks and not teacher.features._forward_hooks  # taps removed
+
+
+@pytest.mark.parametrize("kind", ["kd", "logit_mse", "hint"])
+@pytest.mark.parametrize("transfer", ["source", "both"])
+def test_fit_with_a_source_transfer_set_runs(teacher, kind, transfer):
+    model = cnn(4)
+    loss = LossConfig(name=kind, kind=kind, transfer=transfer)
+    res = fit(
+        model,
+        TRAIN,
+        VAL,
+        cfg(2),
+        NORM,
+        seed=0,
+        device=CPU,
+        loss=loss,
+        teacher=teacher,
+        source=SOURCE,
+        hint_layers=("features", "features") if kind == "hint" else None,
+    )
+    assert len(res.history) == 2
+    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in res.history)
+
+
+def test_same_seed_gives_identical_weights():
+    def run(seed: int) -> dict[str, torch.Tensor]:
+        model = cnn(4, seed=0)
+        fit(model, TRAIN, VAL, cfg(2, augment="crop_flip"), NORM, seed=seed, device=CPU)
+        return state(model)
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed does steer shuffling/augmentation
+
+
+def test_same_seed_gives_identical_kd_weights(teacher):
+    def run() -> dict[str, torch.Tensor]:
+        model = cnn(4, seed=0)
+        fit(
+            model,
+            TRAIN,
+            VAL,
+            cfg(2),
+            NORM,
+            seed=3,
+            device=CPU,
+            loss=LossConfig(name="kd", kind="kd"),
+            teacher=teacher,
+        )
+        return state(model)
+
+    a, b = run(), run()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["kd", "logit_mse", "hint"])
+def test_distillation_loss_without_teacher_fails(kind):
+    with pytest.raises(ValueError, match="needs a teacher"):
+        fit(cnn(4), TRAIN, VAL, cfg(1), NORM, seed=0, device=CPU, loss=LossConfig(name=kind, kind=kind))
+
+
+@pytest.mark.parametrize("transfer", ["source", "both"])
+def test_source_transfer_without_source_fails(teacher, transfer):
+    loss = LossConfig(name="kd", kind="kd", transfer=transfer)
+    with pytest.raises(ValueError, match="no source data"):
+        fit(cnn(4), TRAIN, VAL, cfg(1), NORM, seed=0, device=CPU, loss=loss, teacher=teacher)
+
+
+def test_ce_ignores_transfer_and_needs_no_source():
+    res = fit(
+        cnn(4),
+        TRAIN,
+        VAL,
+        cfg(1),
+        NORM,
+        seed=0,
+        device=CPU,
+        loss=LossConfig(name="ce", kind="ce", transfer="source"),
+    )
+    assert len(res.history) == 1
