@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
+import io
 import json
 import os
+import re
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import IO
 
 from kdflow import tracking
+from kdflow.tracking import PROGRESS_PREFIX
 from kdflow.config import Config
 from kdflow.pipelines.compile import pipeline_arguments
 from kdflow.pipelines.kdflow_pipeline import build_pipeline
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LOCAL_PARALLELISM = 2  # kfp.local's cap on concurrent ParallelFor iterations
 
 
@@ -20,13 +29,47 @@ class PipelineFailed(RuntimeError):
     """A step of the local run failed; its traceback is in the step log printed above."""
 
 
-def run_local(cfg: Config, home: Path, tracking_uri: str | None = None) -> dict:
-    """Run the pipeline locally; return the registration step's summary (decision, teacher, candidates)."""
+class ProgressLog(io.TextIOBase):
+    """Where kfp.local's output goes during a run: all of it to a log file, and to the console only the lines
+    that show progress (steps starting and finishing, kdflow's own per-epoch lines) unless `verbose`."""
+
+    KEEP = ("Executing task", "finished with status", PROGRESS_PREFIX)
+
+    def __init__(self, path: Path, console: IO[str], verbose: bool = False):
+        self.path, self.console, self.verbose = path, console, verbose
+        self.file = path.open("w")
+        self.lock = threading.Lock()  # kfp.local prints from one thread per parallel loop iteration
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            self.file.write(text)
+            if self.verbose:
+                self.console.write(text)
+            else:
+                for line in text.splitlines():
+                    if any(k in line for k in self.KEEP):
+                        self.console.write(ANSI.sub("", line).strip() + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.console.flush()
+
+    def tail(self, n: int = 60) -> str:
+        self.file.flush()
+        return "".join(self.path.read_text().splitlines(keepends=True)[-n:])
+
+
+def run_local(cfg: Config, home: Path, tracking_uri: str | None = None, verbose: bool = False) -> dict:
+    """Run the pipeline locally; return the registration step's summary (decision, teacher, candidates).
+
+    The full step logs go to <home>/logs/; the console shows progress only (all of it with `verbose`)."""
     import warnings
 
     from kfp import local
 
     home.mkdir(parents=True, exist_ok=True)
+    (home / "logs").mkdir(exist_ok=True)
     uri = tracking_uri or tracking.embedded_tracking_uri(home)
     tracking.ensure_experiment(cfg.experiment, uri)  # creates the SQLite store once, before steps race for it
     # kfp.local runs up to two loop iterations at once: give each step its share of the cores, not all of them
@@ -34,13 +77,16 @@ def run_local(cfg: Config, home: Path, tracking_uri: str | None = None) -> dict:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "pipeline-root"))
     pipeline = build_pipeline(cfg.cluster)
     original_print = builtins.print  # kfp.local swaps print() to indent step logs and may not restore it
+    log = ProgressLog(home / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log", sys.stdout, verbose)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log):
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+            warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # our image is kdflow's env
             task = pipeline(**pipeline_arguments(cfg, uri))
     except RuntimeError as err:
-        raise PipelineFailed(str(err)) from None
+        raise PipelineFailed(f"{ANSI.sub('', str(err))}\n--- last lines of {log.path} ---\n{log.tail()}") from None
     finally:
         builtins.print = original_print
+        log.file.close()
     decision = task.outputs["Output"]
     return json.loads(Path(decision.path).read_text())

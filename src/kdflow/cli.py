@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +16,7 @@ from kdflow import tracking
 from kdflow.config import Config, ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML config; the built-in digits default when omitted.")
 SET_OPT = typer.Option(None, "--set", help="Override one config key, e.g. --set distill.train.epochs=5.")
@@ -47,6 +48,7 @@ def run(
         None, help="Folder for the embedded MLflow store and local pipeline outputs [default: $KDFLOW_HOME or ./kdflow-home]."
     ),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or the embedded store]."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the steps' full logs, not just progress."),
 ) -> None:
     """Run the whole pipeline locally (kfp.local), log to MLflow and promote a champion."""
     from kdflow.pipelines.local import PipelineFailed, run_local
@@ -58,7 +60,7 @@ def run(
     console.print(f"[bold]kdflow[/bold] {cfg.experiment}: {cfg.data.setup} on {cfg.data.source}"
                   f"{' → ' + cfg.data.target if cfg.data.target else ''}, {n} candidates; MLflow at {uri}")
     try:
-        summary = run_local(cfg, home, uri)
+        summary = run_local(cfg, home, uri, verbose)
     except PipelineFailed as err:
         console.print(f"[red]pipeline failed:[/red] {err}\nThe failing step's traceback is in the log above.")
         raise typer.Exit(1) from None
@@ -70,8 +72,8 @@ def run(
 def _print_summary(summary: dict) -> None:
     d = summary["decision"]
     table = Table(title=f"{summary['model_name']}: teacher and candidates")
-    for col in ("model", "val top-1", "test top-1", "params", "compression", "latency b1 (ms)", "agreement", "version", ""):
-        table.add_column(col, justify="left" if col in ("model", "") else "right")
+    for col in ("model", "val top-1", "test top-1", "params", "smaller", "ms @b1", "agrees", "version", "status"):
+        table.add_column(col, justify="left" if col in ("model", "status") else "right")
     t = summary["teacher"]
     table.add_row("teacher", f"{t['val_top1']:.2%}", f"{t['test_top1']:.2%}", f"{int(t['params']):,}", "1.0x",
                   f"{t['latency_ms_b1']:.3f}", "", f"v{t['version']}", "")

@@ -3,7 +3,7 @@
 Policy (stated, configurable): among candidates that satisfy every constraint — compression ≥
 `min_compression` (teacher params / student params), params ≤ `max_params`, batch-1 CPU latency ≤
 `max_latency_ms`, val accuracy ≥ `min_teacher_retention` × the teacher's — pick the best `metric` on the
-validation split (ties: fewer parameters, then name). Test data plays no part in that choice.
+validation split (ties: lower val loss, then fewer parameters, then name). Test data plays no part in that choice.
 
 Gate: the selected candidate takes the alias only if its test metric beats the current champion's on the same
 test data (by more than `min_improvement`). All versions are registered either way, so every run stays
@@ -63,7 +63,7 @@ def select(candidates: list[Candidate], policy: PolicyConfig, teacher: dict[str,
         else:
             ok.append(c)
     sign = 1 if policy.metric == "val_loss" else -1  # loss: lower is better; accuracies: higher
-    ok.sort(key=lambda c: (sign * c.metrics[policy.metric], c.metrics["params"], c.name))
+    ok.sort(key=lambda c: (sign * c.metrics[policy.metric], c.metrics.get("val_loss", 0.0), c.metrics["params"], c.name))
     return Selection(ok[0] if ok else None, rejected)
 
 

@@ -133,11 +133,11 @@ def train_teacher(ctx: StepContext, data_dir: str, out_dir: str) -> dict:
                              **{f"pretrain.{k}": v for k, v in tcfg.pretrain.model_dump().items()},
                              **{f"finetune.{k}": v for k, v in tcfg.finetune.model_dump().items()}})
         pre = fit(net, src["train"], src["val"], tcfg.pretrain, norm, seed=cfg.seed, device=device,
-                  on_epoch=tracking.epoch_logger("pretrain_"))
+                  on_epoch=tracking.epoch_logger("teacher pretrain", tcfg.pretrain.epochs, "pretrain_"))
         source_test = accuracy(predict(net, src["test"].x, norm), src["test"].y)
         models.replace_head(net, manifest["tasks"]["target"]["num_classes"], tcfg.arch)
         fine = fit(net, tgt["train"], tgt["val"], tcfg.finetune, norm, seed=cfg.seed + 1, device=device,
-                   on_epoch=tracking.epoch_logger("finetune_"))
+                   on_epoch=tracking.epoch_logger("teacher finetune", tcfg.finetune.epochs, "finetune_"))
         spec = checkpoint.make_spec(tcfg.arch, in_ch, manifest["tasks"]["target"]["num_classes"], tcfg.arch_kwargs)
         checkpoint.save(net, spec, out_dir)
         metrics = {
@@ -251,7 +251,7 @@ def distill(ctx: StepContext, name: str, data_dir: str, teacher_dir: str, pruned
         result = fit(student, tgt["train"], tgt["val"], cfg.distill.train, norm, seed=cfg.seed, device=device,
                      loss=loss_cfg, teacher=teacher if loss_cfg.kind != "ce" else None, source=source,
                      hint_layers=(models.hint_layer(spec["arch"]), models.hint_layer(tspec["arch"])),
-                     on_epoch=tracking.epoch_logger())
+                     on_epoch=tracking.epoch_logger(f"distill {name}", cfg.distill.train.epochs))
         checkpoint.save(student, spec, out_dir)
         tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_top1": result.best_val_acc})
         model_uri = _log_servable(student, norm, data_dir)

@@ -17,6 +17,7 @@ PIPELINE_RUN_TAG = "kdflow.pipeline_run_id"
 STEP_TAG = "kdflow.step"
 PIPELINE_STEP = "pipeline"  # STEP_TAG value of the parent run; children carry their own step name
 HOME_ENV = "KDFLOW_HOME"
+PROGRESS_PREFIX = "[kdflow]"
 
 
 def kdflow_home() -> Path:
@@ -127,11 +128,16 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
-def epoch_logger(prefix: str = ""):
-    """An `on_epoch` callback for `kdflow.train.fit` that logs each epoch's metrics."""
+def epoch_logger(label: str, epochs: int, prefix: str = ""):
+    """An `on_epoch` callback for `kdflow.train.fit`: logs each epoch's metrics to MLflow and prints one
+    progress line (the local runner shows lines starting with PROGRESS_PREFIX)."""
 
     def log(epoch: int, metrics: dict[str, float]) -> None:
         log_metrics({f"{prefix}{k}": v for k, v in metrics.items()}, step=epoch)
+        if epoch % max(1, epochs // 5) and epoch != epochs:
+            return
+        print(f"{PROGRESS_PREFIX} {label} epoch {epoch}/{epochs} loss {metrics.get('train_loss', float('nan')):.4f} "
+              f"val_acc {metrics['val_acc']:.4f}", flush=True)
 
     return log
 

@@ -134,7 +134,7 @@ def fit(
     hint_layers: tuple[str, str] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
-    """Train `model` in place and leave it holding its best-validation-accuracy weights.
+    """Train `model` in place and leave it holding its best-validation weights (accuracy, then lower loss).
 
     `loss` defaults to plain cross-entropy. With a teacher, the distillation terms use the transfer set that
     `loss.transfer` names: the target batch itself, a batch of `source` images, or both concatenated.
@@ -180,7 +180,9 @@ def fit(
     amp, scaler = _autocast(device)
     gen = torch.Generator(device=device).manual_seed(seed)
 
-    best = FitResult(best_epoch=0, best_val_acc=accuracy(predict(model, val.x, normalizer), val.y))
+    init_logits = predict(model, val.x, normalizer)
+    best = FitResult(best_epoch=0, best_val_acc=accuracy(init_logits, val.y))
+    best_key = (best.best_val_acc, -float(F.cross_entropy(init_logits, val.y.cpu())))
     best_state = copy.deepcopy(model.state_dict())
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -231,8 +233,9 @@ def fit(
         metrics["val_loss"] = float(F.cross_entropy(val_logits, val.y.cpu()))
         metrics["lr"] = sched.get_last_lr()[0]
         best.history.append(metrics)
-        if metrics["val_acc"] > best.best_val_acc:
-            best.best_epoch, best.best_val_acc = epoch, metrics["val_acc"]
+        key = (metrics["val_acc"], -metrics["val_loss"])  # small val sets saturate: ties go to the lower loss
+        if key > best_key:
+            best_key, best.best_epoch, best.best_val_acc = key, epoch, metrics["val_acc"]
             best_state = copy.deepcopy(model.state_dict())
         if on_epoch:
             on_epoch(epoch, metrics)
