@@ -5,9 +5,7 @@ from kdflow.components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def data_prep(
-    data: Output[Dataset], config_json: str, tracking_uri: str, pipeline_run_id: str, pipeline_run_name: str
-):
+def data_prep(data: Output[Dataset], config_json: str, tracking_uri: str, pipeline_run_id: str, pipeline_run_name: str):
     """Step 1: source and target tasks, hashed splits, manifest."""
     from kdflow import steps
 

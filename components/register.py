@@ -1,5 +1,3 @@
-from typing import List
-
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
@@ -10,8 +8,8 @@ from kdflow.components.image import IMAGE
 def register(
     data: Input[Dataset],
     teacher: Input[Model],
-    students: Input[List[Model]],
-    reports: Input[List[Artifact]],
+    students: Input[list[Model]],
+    reports: Input[list[Artifact]],
     decision: Output[Artifact],
     summary: Output[Metrics],
     config_json: str,

@@ -11,8 +11,11 @@ from kdflow.pipelines.kdflow_pipeline import build_pipeline
 
 
 def pipeline_arguments(cfg: Config, tracking_uri: str = "") -> dict:
-    return {"config_json": cfg.to_json(), "candidates": [c["name"] for c in cfg.candidates()],
-            "tracking_uri": tracking_uri}
+    return {
+        "config_json": cfg.to_json(),
+        "candidates": [c["name"] for c in cfg.candidates()],
+        "tracking_uri": tracking_uri,
+    }
 
 
 def compile_pipeline(cfg: Config, out: str | Path, tracking_uri: str = "") -> Path:

@@ -4,7 +4,6 @@ The pipeline only wires components. Cluster placement (accelerators) comes from 
 section at build time, because KFP fixes resources in the compiled spec; everything else is a run parameter.
 """
 
-
 from kfp import dsl
 
 from kdflow.components import data_prep, distill, evaluate, prune, register, train_teacher

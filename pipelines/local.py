@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import IO
 
 from kdflow import tracking
-from kdflow.tracking import PROGRESS_PREFIX
 from kdflow.config import Config
 from kdflow.pipelines.compile import pipeline_arguments
 from kdflow.pipelines.kdflow_pipeline import build_pipeline
-
+from kdflow.tracking import PROGRESS_PREFIX
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+EXCEPTION_LINE = re.compile(r"^\s*((?:\w+\.)*\w*(?:Error|Exception): .*)$", re.MULTILINE)
 LOCAL_PARALLELISM = 2  # kfp.local's cap on concurrent ParallelFor iterations
 
 
@@ -84,7 +84,10 @@ def run_local(cfg: Config, home: Path, tracking_uri: str | None = None, verbose:
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # our image is kdflow's env
             task = pipeline(**pipeline_arguments(cfg, uri))
     except RuntimeError as err:
-        raise PipelineFailed(f"{ANSI.sub('', str(err))}\n--- last lines of {log.path} ---\n{log.tail()}") from None
+        tail = log.tail()
+        errors = [m.group(1) for m in EXCEPTION_LINE.finditer(tail)]
+        headline = errors[-1] if errors else ANSI.sub("", str(err))
+        raise PipelineFailed(f"{headline}\n--- last lines of {log.path} ---\n{tail}") from None
     finally:
         builtins.print = original_print
         log.file.close()

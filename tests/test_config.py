@@ -101,9 +101,7 @@ def test_student_needs_exactly_one_origin():
 
 
 def test_duplicate_student_names_fail():
-    msg = error_of(
-        {"distill": {"students": [{"name": "small", "arch": "cnn"}, {"name": "small", "arch": "resnet20"}]}}
-    )
+    msg = error_of({"distill": {"students": [{"name": "small", "arch": "cnn"}, {"name": "small", "arch": "resnet20"}]}})
     assert "distill.students names must be unique" in msg
     assert "'small'" in msg
 

@@ -107,9 +107,7 @@ def _idx_bytes(type_code: int, shape: tuple[int, ...], payload: bytes) -> bytes:
 def test_read_idx_plain_uint8(tmp_path):
     values = bytes(range(24))
     p = tmp_path / "imgs-idx3-ubyte"
-    p.write_bytes(
-        b"\x00\x00\x08\x03" + b"\x00\x00\x00\x02" + b"\x00\x00\x00\x03" + b"\x00\x00\x00\x04" + values
-    )
+    p.write_bytes(b"\x00\x00\x08\x03" + b"\x00\x00\x00\x02" + b"\x00\x00\x00\x03" + b"\x00\x00\x00\x04" + values)
     arr = data.read_idx(p)
     assert arr.dtype == np.uint8
     assert arr.shape == (2, 3, 4)

@@ -31,7 +31,10 @@ def _run(tmp_path, name: str, distill_epochs: int) -> subprocess.CompletedProces
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run(
         [sys.executable, "-m", "kdflow.cli", "run", "--config", str(path), "--home", str(tmp_path / "home")],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
@@ -94,3 +97,35 @@ def test_local_pipeline_promotes_then_keeps_then_moves_champion(tmp_path):
     new_version, new_score = _champion(client)
     assert new_version in (5, 6)
     assert new_score > champ_score
+
+
+def test_bad_data_source_fails_cleanly(tmp_path):
+    """A step that fails: non-zero exit, the bad value named, the parent run FAILED, nothing registered."""
+    missing = tmp_path / "no-such-mnist"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdflow.cli",
+            "run",
+            "--home",
+            str(tmp_path / "home"),
+            "--set",
+            f"data.source=mnist-idx:{missing}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "pipeline failed" in proc.stdout and f"mnist-idx directory not found: {missing}" in proc.stdout
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    client = MlflowClient()
+    assert client.search_registered_models() == []
+    runs = client.search_runs([client.get_experiment_by_name("kdflow-digits").experiment_id])
+    assert {r.info.run_name: r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags} == {
+        "data-prep": "FAILED"
+    }
+    assert [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags] == ["FAILED"]

@@ -179,9 +179,7 @@ def test_crop_on_tiny_images_pads_at_least_one_pixel():
 def test_crop_flip_flips_some_samples():
     x = images(b=64, c=1, h=16, w=16)
     out = augment(x, "crop_flip", gen(3))
-    crops_only = [
-        any(torch.equal(out[i], win) for win in windows(x[i], 2, flips=False)) for i in range(len(x))
-    ]
+    crops_only = [any(torch.equal(out[i], win) for win in windows(x[i], 2, flips=False)) for i in range(len(x))]
     assert 0 < sum(crops_only) < len(x)
 
 
@@ -250,9 +248,7 @@ def test_fit_restores_the_best_epoch_weights():
         on_epoch=lambda e, m: snapshots.__setitem__(e, state(model)),
     )
     accs = [h["val_acc"] for h in res.history]
-    assert (
-        res.best_epoch < 8
-    )  # later epochs never beat it (ties keep the earlier epoch), so the last is not kept
+    assert res.best_epoch < 8  # later epochs never beat it (ties keep the earlier epoch), so the last is not kept
     assert res.best_val_acc == max(accs)
     assert res.best_epoch == 1 + accs.index(max(accs))  # the first epoch reaching the best accuracy
     final = model.state_dict()

@@ -12,9 +12,7 @@ from kdflow.registry import TEST_HASH_TAG, Candidate, beats, current_champion, r
 TEACHER = {"params": 1000.0, "val_top1": 0.8, "val_loss": 0.5}
 
 
-def cand(
-    name: str, val_top1: float = 0.5, params: float = 100, latency: float = 1.0, **extra: float
-) -> Candidate:
+def cand(name: str, val_top1: float = 0.5, params: float = 100, latency: float = 1.0, **extra: float) -> Candidate:
     metrics = {"val_top1": val_top1, "params": float(params), "latency_ms_b1": latency, **extra}
     return Candidate(name, metrics)
 
@@ -204,9 +202,7 @@ def store(tmp_path_factory):
         mlflow.set_tracking_uri(uri)
         assert mlflow.get_registry_uri() == uri
         client = MlflowClient()
-        exp_id = client.create_experiment(
-            "kdflow-registry-tests", artifact_location=(tmp / "artifacts").as_uri()
-        )
+        exp_id = client.create_experiment("kdflow-registry-tests", artifact_location=(tmp / "artifacts").as_uri())
         yield client, exp_id
 
 

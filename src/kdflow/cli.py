@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdflow import tracking
@@ -32,22 +32,25 @@ def _overrides(pairs: list[str] | None) -> dict:
     return out
 
 
-def _load(config: Optional[Path], sets: list[str] | None) -> Config:
+def _load(config: Path | None, sets: list[str] | None) -> Config:
     try:
         return load_config(config, _overrides(sets))
     except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 
 @app.command()
 def run(
-    config: Optional[Path] = CONFIG_OPT,
-    set_: Optional[list[str]] = SET_OPT,
-    home: Optional[Path] = typer.Option(
-        None, help="Folder for the embedded MLflow store and local pipeline outputs [default: $KDFLOW_HOME or ./kdflow-home]."
+    config: Path | None = CONFIG_OPT,
+    set_: list[str] | None = SET_OPT,
+    home: Path | None = typer.Option(
+        None,
+        help="Folder for the embedded MLflow store and local outputs [default: $KDFLOW_HOME or ./kdflow-home].",
     ),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or the embedded store]."),
+    tracking_uri: str | None = typer.Option(
+        None, help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or the embedded store]."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the steps' full logs, not just progress."),
 ) -> None:
     """Run the whole pipeline locally (kfp.local), log to MLflow and promote a champion."""
@@ -57,12 +60,14 @@ def run(
     home = (home or tracking.kdflow_home()).expanduser().resolve()
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.embedded_tracking_uri(home)
     n = len(cfg.candidates())
-    console.print(f"[bold]kdflow[/bold] {cfg.experiment}: {cfg.data.setup} on {cfg.data.source}"
-                  f"{' → ' + cfg.data.target if cfg.data.target else ''}, {n} candidates; MLflow at {uri}")
+    console.print(
+        f"[bold]kdflow[/bold] {cfg.experiment}: {cfg.data.setup} on {cfg.data.source}"
+        f"{' → ' + cfg.data.target if cfg.data.target else ''}, {n} candidates; MLflow at {uri}"
+    )
     try:
         summary = run_local(cfg, home, uri, verbose)
     except PipelineFailed as err:
-        console.print(f"[red]pipeline failed:[/red] {err}\nThe failing step's traceback is in the log above.")
+        console.print(f"[red]pipeline failed:[/red] {escape(str(err))}", soft_wrap=True)
         raise typer.Exit(1) from None
     _print_summary(summary)
     if uri.startswith("sqlite:///"):
@@ -75,15 +80,32 @@ def _print_summary(summary: dict) -> None:
     for col in ("model", "val top-1", "test top-1", "params", "smaller", "ms @b1", "agrees", "version", "status"):
         table.add_column(col, justify="left" if col in ("model", "status") else "right")
     t = summary["teacher"]
-    table.add_row("teacher", f"{t['val_top1']:.2%}", f"{t['test_top1']:.2%}", f"{int(t['params']):,}", "1.0x",
-                  f"{t['latency_ms_b1']:.3f}", "", f"v{t['version']}", "")
+    table.add_row(
+        "teacher",
+        f"{t['val_top1']:.2%}",
+        f"{t['test_top1']:.2%}",
+        f"{int(t['params']):,}",
+        "1.0x",
+        f"{t['latency_ms_b1']:.3f}",
+        "",
+        f"v{t['version']}",
+        "",
+    )
     for name, c in sorted(summary["candidates"].items(), key=lambda kv: -kv[1]["val_top1"]):
         mark = "champion" if c["version"] == d["champion_version"] else ("selected" if name == d["selected"] else "")
         if name in d["rejected"]:
             mark = f"policy: {d['rejected'][name]}"
-        table.add_row(name, f"{c['val_top1']:.2%}", f"{c['test_top1']:.2%}", f"{int(c['params']):,}",
-                      f"{c['compression']:.1f}x", f"{c['latency_ms_b1']:.3f}", f"{c['teacher_agreement']:.2%}",
-                      f"v{c['version']}", mark)
+        table.add_row(
+            name,
+            f"{c['val_top1']:.2%}",
+            f"{c['test_top1']:.2%}",
+            f"{int(c['params']):,}",
+            f"{c['compression']:.1f}x",
+            f"{c['latency_ms_b1']:.3f}",
+            f"{c['teacher_agreement']:.2%}",
+            f"v{c['version']}",
+            mark,
+        )
     console.print(table)
     verdict = "[green]promoted[/green]" if d["promoted"] else "[yellow]champion unchanged[/yellow]"
     console.print(f"{verdict}: {d['reason']}")
@@ -91,8 +113,8 @@ def _print_summary(summary: dict) -> None:
 
 @app.command("compile")
 def compile_(
-    config: Optional[Path] = CONFIG_OPT,
-    set_: Optional[list[str]] = SET_OPT,
+    config: Path | None = CONFIG_OPT,
+    set_: list[str] | None = SET_OPT,
     output: Path = typer.Option(Path("kdflow-pipeline.yaml"), "--output", "-o", help="Where to write the IR YAML."),
     tracking_uri: str = typer.Option("", help="Default MLflow tracking URI baked into the run parameters."),
 ) -> None:

@@ -242,7 +242,10 @@ class Config(_Section):
     def with_local_paths(self, base: Path) -> Config:
         """A copy whose local data paths are absolute, so steps running in other folders find the data."""
         data = self.data.model_copy(
-            update={"source": absolute_source(self.data.source, base), "target": absolute_source(self.data.target, base)}
+            update={
+                "source": absolute_source(self.data.source, base),
+                "target": absolute_source(self.data.target, base),
+            }
         )
         return self.model_copy(update={"data": data})
 

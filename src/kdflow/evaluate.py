@@ -117,7 +117,14 @@ def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
     if n <= 20:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black",
+                )
     fig.tight_layout()
     return fig

@@ -7,7 +7,7 @@ softmax in front of it silently flattens the gradients). Shapes: logits (B, K), 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -8,9 +8,10 @@ with a plain state dict (and, after pruning, the changed layer shapes, see `kdfl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,7 +122,9 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     """Swap the stem conv for one with `in_channels` inputs, initialised from the RGB filters' mean scaled by
     3/in_channels, so a grey image gives the same activations as that image repeated on three channels."""
     name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    new = nn.Conv2d(
+        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None
+    )
     with torch.no_grad():
         new.weight.copy_(conv.weight.mean(dim=1, keepdim=True).expand_as(new.weight) * (conv.in_channels / in_channels))
     _set_submodule(model, name, new)

@@ -12,8 +12,8 @@ comparable in the registry; only the alias moves or stays.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from kdflow.config import PolicyConfig, RegistryConfig
 
@@ -63,7 +63,9 @@ def select(candidates: list[Candidate], policy: PolicyConfig, teacher: dict[str,
         else:
             ok.append(c)
     sign = 1 if policy.metric == "val_loss" else -1  # loss: lower is better; accuracies: higher
-    ok.sort(key=lambda c: (sign * c.metrics[policy.metric], c.metrics.get("val_loss", 0.0), c.metrics["params"], c.name))
+    ok.sort(
+        key=lambda c: (sign * c.metrics[policy.metric], c.metrics.get("val_loss", 0.0), c.metrics["params"], c.name)
+    )
     return Selection(ok[0] if ok else None, rejected)
 
 
@@ -129,16 +131,30 @@ def register_and_promote(
 
     prev_version = int(champ.version) if champ is not None else None
     if selection.best is None:
-        return Decision(None, False, "no candidate satisfies the policy", versions, prev_version, prev_version,
-                        previous_score, selection.rejected)
+        return Decision(
+            None,
+            False,
+            "no candidate satisfies the policy",
+            versions,
+            prev_version,
+            prev_version,
+            previous_score,
+            selection.rejected,
+        )
     best = selection.best
     score = best.metrics[cfg.champion_metric]
     if beats(score, previous_score, cfg.min_improvement):
         client.set_registered_model_alias(cfg.model_name, cfg.alias, versions[best.name])
-        reason = (f"{best.name} {cfg.champion_metric}={score:.4f} beats champion v{prev_version} ({previous_score:.4f})"
-                  if prev_version is not None else f"{best.name} is the first champion ({cfg.champion_metric}={score:.4f})")
-        return Decision(best.name, True, reason, versions, versions[best.name], prev_version, previous_score,
-                        selection.rejected)
-    reason = (f"{best.name} {cfg.champion_metric}={score:.4f} does not beat champion v{prev_version} "
-              f"({previous_score:.4f} + {cfg.min_improvement})")
+        reason = (
+            f"{best.name} {cfg.champion_metric}={score:.4f} beats champion v{prev_version} ({previous_score:.4f})"
+            if prev_version is not None
+            else f"{best.name} is the first champion ({cfg.champion_metric}={score:.4f})"
+        )
+        return Decision(
+            best.name, True, reason, versions, versions[best.name], prev_version, previous_score, selection.rejected
+        )
+    reason = (
+        f"{best.name} {cfg.champion_metric}={score:.4f} does not beat champion v{prev_version} "
+        f"({previous_score:.4f} + {cfg.min_improvement})"
+    )
     return Decision(best.name, False, reason, versions, prev_version, prev_version, previous_score, selection.rejected)

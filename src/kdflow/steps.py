@@ -7,6 +7,7 @@ under kfp.local, and in a pod on a GPU node.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,8 +40,15 @@ class StepContext:
         parent = tracking.parent_run_id(exp, pipeline_run_id, pipeline_run_name or pipeline_run_id, cfg.flat())
         return cls(cfg, uri, exp, parent, pipeline_run_id)
 
+    @contextlib.contextmanager
     def child(self, name: str, step: str, tags: dict[str, str] | None = None):
-        return tracking.child_run(self.experiment_id, self.parent_id, name, step, tags)
+        """A child run of the pipeline's parent run; a failure marks both FAILED in MLflow."""
+        try:
+            with tracking.child_run(self.experiment_id, self.parent_id, name, step, tags) as run:
+                yield run
+        except BaseException:
+            tracking.end_run(self.parent_id, "FAILED")
+            raise
 
 
 class ServingModel(nn.Sequential):
@@ -129,15 +137,36 @@ def train_teacher(ctx: StepContext, data_dir: str, out_dir: str) -> dict:
         _load_compatible(net, tcfg.pretrained)
 
     with ctx.child("teacher", "teacher", {"kdflow.arch": tcfg.arch}) as run:
-        tracking.log_params({"arch": tcfg.arch, "arch_kwargs": json.dumps(tcfg.arch_kwargs),
-                             **{f"pretrain.{k}": v for k, v in tcfg.pretrain.model_dump().items()},
-                             **{f"finetune.{k}": v for k, v in tcfg.finetune.model_dump().items()}})
-        pre = fit(net, src["train"], src["val"], tcfg.pretrain, norm, seed=cfg.seed, device=device,
-                  on_epoch=tracking.epoch_logger("teacher pretrain", tcfg.pretrain.epochs, "pretrain_"))
+        tracking.log_params(
+            {
+                "arch": tcfg.arch,
+                "arch_kwargs": json.dumps(tcfg.arch_kwargs),
+                **{f"pretrain.{k}": v for k, v in tcfg.pretrain.model_dump().items()},
+                **{f"finetune.{k}": v for k, v in tcfg.finetune.model_dump().items()},
+            }
+        )
+        pre = fit(
+            net,
+            src["train"],
+            src["val"],
+            tcfg.pretrain,
+            norm,
+            seed=cfg.seed,
+            device=device,
+            on_epoch=tracking.epoch_logger("teacher pretrain", tcfg.pretrain.epochs, "pretrain_"),
+        )
         source_test = accuracy(predict(net, src["test"].x, norm), src["test"].y)
         models.replace_head(net, manifest["tasks"]["target"]["num_classes"], tcfg.arch)
-        fine = fit(net, tgt["train"], tgt["val"], tcfg.finetune, norm, seed=cfg.seed + 1, device=device,
-                   on_epoch=tracking.epoch_logger("teacher finetune", tcfg.finetune.epochs, "finetune_"))
+        fine = fit(
+            net,
+            tgt["train"],
+            tgt["val"],
+            tcfg.finetune,
+            norm,
+            seed=cfg.seed + 1,
+            device=device,
+            on_epoch=tracking.epoch_logger("teacher finetune", tcfg.finetune.epochs, "finetune_"),
+        )
         spec = checkpoint.make_spec(tcfg.arch, in_ch, manifest["tasks"]["target"]["num_classes"], tcfg.arch_kwargs)
         checkpoint.save(net, spec, out_dir)
         metrics = {
@@ -149,8 +178,16 @@ def train_teacher(ctx: StepContext, data_dir: str, out_dir: str) -> dict:
         }
         tracking.log_metrics(metrics)
         model_uri = _log_servable(net, norm, data_dir)
-        _write_info(out_dir, {"run_id": run.info.run_id, "model_uri": model_uri, "metrics": metrics,
-                              "finetune_best_epoch": fine.best_epoch, "data_hash": manifest["content_hash"]})
+        _write_info(
+            out_dir,
+            {
+                "run_id": run.info.run_id,
+                "model_uri": model_uri,
+                "metrics": metrics,
+                "finetune_best_epoch": fine.best_epoch,
+                "data_hash": manifest["content_hash"],
+            },
+        )
     return metrics
 
 
@@ -179,18 +216,25 @@ def prune_teacher(ctx: StepContext, data_dir: str, teacher_dir: str, out_dir: st
     x, y = data.load_split(data_dir, "target", "train")
     val = Split(*data.load_split(data_dir, "target", "val"))
     bs = ctx.cfg.distill.train.batch_size
-    calibration = [(norm(x[i : i + bs]), y[i : i + bs]) for i in range(0, min(len(x), bs * pcfg.calibration_batches), bs)]
+    calibration = [
+        (norm(x[i : i + bs]), y[i : i + bs]) for i in range(0, min(len(x), bs * pcfg.calibration_batches), bs)
+    ]
     reports = []
     with ctx.child("prune", "prune", {"kdflow.importance": pcfg.importance}):
         tracking.log_params(pcfg.model_dump())
         for ratio in pcfg.ratios:
             net, spec = checkpoint.load(teacher_dir)
-            rep = pruning.prune(net, norm(x[:8]), ratio, spec["arch"], pcfg.importance, pcfg.global_pruning,
-                                pcfg.round_to, calibration)
+            rep = pruning.prune(
+                net, norm(x[:8]), ratio, spec["arch"], pcfg.importance, pcfg.global_pruning, pcfg.round_to, calibration
+            )
             d = pruned_dir(out_dir, ratio)
             checkpoint.save(net, spec, d)
-            row = {**asdict(rep), "param_reduction": rep.param_reduction, "mac_reduction": rep.mac_reduction,
-                   "val_top1_before_finetune": accuracy(predict(net, val.x, norm), val.y)}
+            row = {
+                **asdict(rep),
+                "param_reduction": rep.param_reduction,
+                "mac_reduction": rep.mac_reduction,
+                "val_top1_before_finetune": accuracy(predict(net, val.x, norm), val.y),
+            }
             tracking.log_metrics({f"ratio_{ratio:g}_{k}": v for k, v in row.items() if k != "importance"})
             reports.append(row)
         tracking.log_dict({"reports": reports}, "prune_report.json")
@@ -245,18 +289,40 @@ def distill(ctx: StepContext, name: str, data_dir: str, teacher_dir: str, pruned
         tracking.PIPELINE_RUN_TAG: ctx.pipeline_run_id,
     }
     with ctx.child(name, "distill", lineage) as run:
-        tracking.log_params({**{f"student.{k}": v for k, v in student_cfg.model_dump().items()},
-                             **{f"loss.{k}": v for k, v in loss_cfg.model_dump().items()},
-                             **{f"train.{k}": v for k, v in cfg.distill.train.model_dump().items()}})
-        result = fit(student, tgt["train"], tgt["val"], cfg.distill.train, norm, seed=cfg.seed, device=device,
-                     loss=loss_cfg, teacher=teacher if loss_cfg.kind != "ce" else None, source=source,
-                     hint_layers=(models.hint_layer(spec["arch"]), models.hint_layer(tspec["arch"])),
-                     on_epoch=tracking.epoch_logger(f"distill {name}", cfg.distill.train.epochs))
+        tracking.log_params(
+            {
+                **{f"student.{k}": v for k, v in student_cfg.model_dump().items()},
+                **{f"loss.{k}": v for k, v in loss_cfg.model_dump().items()},
+                **{f"train.{k}": v for k, v in cfg.distill.train.model_dump().items()},
+            }
+        )
+        result = fit(
+            student,
+            tgt["train"],
+            tgt["val"],
+            cfg.distill.train,
+            norm,
+            seed=cfg.seed,
+            device=device,
+            loss=loss_cfg,
+            teacher=teacher if loss_cfg.kind != "ce" else None,
+            source=source,
+            hint_layers=(models.hint_layer(spec["arch"]), models.hint_layer(tspec["arch"])),
+            on_epoch=tracking.epoch_logger(f"distill {name}", cfg.distill.train.epochs),
+        )
         checkpoint.save(student, spec, out_dir)
         tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_top1": result.best_val_acc})
         model_uri = _log_servable(student, norm, data_dir)
-        _write_info(out_dir, {"name": name, "run_id": run.info.run_id, "model_uri": model_uri, "tags": lineage,
-                              "best_epoch": result.best_epoch})
+        _write_info(
+            out_dir,
+            {
+                "name": name,
+                "run_id": run.info.run_id,
+                "model_uri": model_uri,
+                "tags": lineage,
+                "best_epoch": result.best_epoch,
+            },
+        )
     return {"best_val_top1": result.best_val_acc, "best_epoch": result.best_epoch}
 
 
@@ -315,8 +381,11 @@ def register(
         info = read_info(d)
         if info["name"] not in reports:
             raise ValueError(f"candidate {info['name']!r} has no evaluation report")
-        candidates.append(registry.Candidate(info["name"], reports[info["name"]]["metrics"], info["run_id"],
-                                             info["model_uri"], info["tags"]))
+        candidates.append(
+            registry.Candidate(
+                info["name"], reports[info["name"]]["metrics"], info["run_id"], info["model_uri"], info["tags"]
+            )
+        )
     teacher_info = read_info(teacher_dir)
     test = Split(*data.load_split(data_dir, "target", "test"))
 
@@ -333,21 +402,30 @@ def register(
                     f"on this run's test data ({err}); use another registry.model_name for this task"
                 ) from None
         if logits.shape[1] != manifest["tasks"]["target"]["num_classes"]:
-            raise ValueError(f"the current {cfg.registry.alias} ({model_uri}) predicts {logits.shape[1]} classes, "
-                             f"this task has {manifest['tasks']['target']['num_classes']}")
+            raise ValueError(
+                f"the current {cfg.registry.alias} ({model_uri}) predicts {logits.shape[1]} classes, "
+                f"this task has {manifest['tasks']['target']['num_classes']}"
+            )
         return accuracy(logits, test.y)
 
     with ctx.child("register", "register") as run:
         teacher_version = mlflow.register_model(
-            teacher_info["model_uri"], cfg.registry.teacher_model_name,
-            tags={registry.TEST_HASH_TAG: manifest["target_test_hash"],
-                  **{k: repr(float(v)) for k, v in teacher_info["metrics"].items()}},
+            teacher_info["model_uri"],
+            cfg.registry.teacher_model_name,
+            tags={
+                registry.TEST_HASH_TAG: manifest["target_test_hash"],
+                **{k: repr(float(v)) for k, v in teacher_info["metrics"].items()},
+            },
         ).version
         for c in candidates:
             c.tags["kdflow.teacher_version"] = str(teacher_version)
             c.tags["kdflow.teacher_model"] = cfg.registry.teacher_model_name
         decision = registry.register_and_promote(
-            mlflow.MlflowClient(), cfg.registry, candidates, teacher_info["metrics"], manifest["target_test_hash"],
+            mlflow.MlflowClient(),
+            cfg.registry,
+            candidates,
+            teacher_info["metrics"],
+            manifest["target_test_hash"],
             rescore,
         )
         summary = {

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 PIPELINE_RUN_TAG = "kdflow.pipeline_run_id"
 STEP_TAG = "kdflow.step"
@@ -136,8 +137,11 @@ def epoch_logger(label: str, epochs: int, prefix: str = ""):
         log_metrics({f"{prefix}{k}": v for k, v in metrics.items()}, step=epoch)
         if epoch % max(1, epochs // 5) and epoch != epochs:
             return
-        print(f"{PROGRESS_PREFIX} {label} epoch {epoch}/{epochs} loss {metrics.get('train_loss', float('nan')):.4f} "
-              f"val_acc {metrics['val_acc']:.4f}", flush=True)
+        print(
+            f"{PROGRESS_PREFIX} {label} epoch {epoch}/{epochs} loss {metrics.get('train_loss', float('nan')):.4f} "
+            f"val_acc {metrics['val_acc']:.4f}",
+            flush=True,
+        )
 
     return log
 
