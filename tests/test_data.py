@@ -505,3 +505,29 @@ def test_class_indices_out_of_range(tmp_path):
     cfg = DataConfig(setup="class_split", source_classes=[0, 1], target_classes=[11])
     with pytest.raises(DataError, match=r"\[11\]"):
         data.prepare(cfg, 0, tmp_path)
+
+
+def test_load_imagefolder_decodes_resizes_and_labels(tmp_path):
+    from PIL import Image
+
+    for cls, value in (("cat", 30), ("dog", 200)):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (20 + i, 12), (value, value, value)).save(tmp_path / cls / f"{i}.png")
+    s = data.load_imagefolder(tmp_path, image_size=8, channels=3)
+    assert s.x.shape == (6, 3, 8, 8) and s.x.dtype == torch.uint8
+    assert s.classes == ["cat", "dog"]
+    assert s.y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert set(s.x[:3].unique().tolist()) == {30} and set(s.x[3:].unique().tolist()) == {200}
+    grey = data.load_source(f"imagefolder:{tmp_path}", DataConfig(image_size=4, channels=1))
+    assert grey.x.shape == (6, 1, 4, 4)
+    with pytest.raises(DataError, match="needs data.image_size"):
+        data.load_imagefolder(tmp_path, image_size=None, channels=3)
+    with pytest.raises(DataError, match="imagefolder path not found"):
+        data.load_imagefolder(tmp_path / "missing", image_size=8, channels=3)
+
+
+def test_torchvision_source_without_files_or_download_names_the_dataset(tmp_path):
+    cfg = DataConfig(source="mnist", root=str(tmp_path), download=False)
+    with pytest.raises(DataError, match="cannot load torchvision dataset 'mnist'"):
+        data.load_source("mnist", cfg)
