@@ -18,6 +18,7 @@ from kdflow import tracking
 from kdflow.config import Config
 from kdflow.pipelines.compile import pipeline_arguments
 from kdflow.pipelines.kdflow_pipeline import build_pipeline
+from kdflow.steps import PARALLEL_THREADS_ENV
 from kdflow.tracking import PROGRESS_PREFIX
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -72,8 +73,8 @@ def run_local(cfg: Config, home: Path, tracking_uri: str | None = None, verbose:
     (home / "logs").mkdir(exist_ok=True)
     uri = tracking_uri or tracking.embedded_tracking_uri(home)
     tracking.ensure_experiment(cfg.experiment, uri)  # creates the SQLite store once, before steps race for it
-    # kfp.local runs up to two loop iterations at once: give each step its share of the cores, not all of them
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLELISM)))
+    # kfp.local runs up to two loop iterations at once: each gets its share of the cores (steps read this)
+    os.environ.setdefault(PARALLEL_THREADS_ENV, str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLELISM)))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "pipeline-root"))
     pipeline = build_pipeline(cfg.cluster)
     original_print = builtins.print  # kfp.local swaps print() to indent step logs and may not restore it

@@ -402,3 +402,32 @@ def test_ce_ignores_transfer_and_needs_no_source():
         loss=LossConfig(name="ce", kind="ce", transfer="source"),
     )
     assert len(res.history) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_with_teacher_on_cuda_uses_autocast_and_keeps_weights_on_device():
+    from kdflow.config import LossConfig, TrainConfig
+    from kdflow.data import Normalizer
+    from kdflow.models import SmallCNN
+    from kdflow.train import Split, fit
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(256, 1, 8, 8, generator=g) * 255).to(torch.uint8)
+    y = (x.float().mean(dim=(1, 2, 3)) > 127).long()
+    device = torch.device("cuda")
+    teacher = SmallCNN(1, 2, width=8).to(device).eval()
+    student = SmallCNN(1, 2, width=4)
+    result = fit(
+        student,
+        Split(x, y),
+        Split(x, y),
+        TrainConfig(epochs=2, batch_size=64),
+        Normalizer([0.5], [0.25]),
+        seed=0,
+        device=device,
+        loss=LossConfig(name="kd", kind="kd"),
+        teacher=teacher,
+    )
+    assert next(student.parameters()).device.type == "cuda"
+    assert len(result.history) == 2

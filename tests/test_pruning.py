@@ -267,3 +267,18 @@ def test_checkpoint_round_trip_unpruned(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert spec["layers"]["features.0.0"]["out_channels"] == 8
+
+
+def test_pruned_mobilenet_round_trip_keeps_depthwise_groups(tmp_path):
+    """Depthwise convs (groups = channels) and squeeze-excitation blocks prune and rebuild from the spec."""
+    torch.manual_seed(0)
+    model = models.build("mobilenet_v3_small", in_channels=1, num_classes=10).eval()
+    x = torch.randn(2, 1, 32, 32)
+    rep = pruning.prune(model, x, 0.5, "mobilenet_v3_small")
+    assert rep.params_after < rep.params_before / 3
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    checkpoint.save(model, checkpoint.make_spec("mobilenet_v3_small", 1, 10), tmp_path)
+    loaded, _ = checkpoint.load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

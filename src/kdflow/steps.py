@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +21,14 @@ from kdflow.config import Config, config_from_json
 from kdflow.train import Split, accuracy, fit, predict, resolve_device, seed_everything
 
 INFO_FILE = "info.json"
+PARALLEL_THREADS_ENV = "KDFLOW_PARALLEL_THREADS"  # set by the local runner: CPU threads per ParallelFor step
+
+
+def _share_cores() -> None:
+    """Steps inside the ParallelFor run side by side locally; without a limit each would claim every core."""
+    threads = os.environ.get(PARALLEL_THREADS_ENV)
+    if threads:
+        torch.set_num_threads(int(threads))
 
 
 @dataclass
@@ -111,9 +120,7 @@ def prepare_data(ctx: StepContext, out_dir: str) -> dict:
         )
         tracking.log_dict(manifest, "manifest.json")
         tracking.log_dict(ctx.cfg.model_dump(mode="json"), "config.json")
-        import mlflow
-
-        mlflow.set_tag("kdflow.data_hash", manifest["content_hash"])
+        tracking.set_tags({"kdflow.data_hash": manifest["content_hash"]})
     return manifest
 
 
@@ -256,6 +263,7 @@ def distill(ctx: StepContext, name: str, data_dir: str, teacher_dir: str, pruned
     """Train one candidate (a student × a loss) on the target task with the teacher's soft targets."""
     from kdflow.config import LossConfig, StudentConfig
 
+    _share_cores()
     cfg = ctx.cfg
     cand = candidate(cfg, name)
     student_cfg, loss_cfg = StudentConfig(**cand["student"]), LossConfig(**cand["loss"])
@@ -331,6 +339,7 @@ def distill(ctx: StepContext, name: str, data_dir: str, teacher_dir: str, pruned
 
 def evaluate_candidate(ctx: StepContext, data_dir: str, teacher_dir: str, student_dir: str, report_path: str) -> dict:
     """Test-split accuracy, calibration, agreement with the teacher, size and latency of one candidate."""
+    _share_cores()
     cfg = ctx.cfg
     manifest = data.read_manifest(data_dir)
     norm = data.Normalizer.from_manifest(manifest)
@@ -436,7 +445,7 @@ def register(
             "policy": cfg.registry.policy.model_dump(),
         }
         tracking.log_dict(summary, "decision.json")
-        mlflow.set_tags({"kdflow.promoted": str(decision.promoted), "kdflow.selected": str(decision.selected)})
+        tracking.set_tags({"kdflow.promoted": str(decision.promoted), "kdflow.selected": str(decision.selected)})
         tracking.log_metrics({"promoted": float(decision.promoted)})
         summary["register_run_id"] = run.info.run_id
     tracking.end_run(ctx.parent_id)

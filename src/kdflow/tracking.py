@@ -123,6 +123,12 @@ def log_params(params: dict[str, Any]) -> None:
     mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
 
 
+def set_tags(tags: dict[str, str]) -> None:
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     import mlflow
 
