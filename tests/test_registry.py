@@ -385,3 +385,40 @@ def test_no_qualifying_candidate_registers_but_leaves_the_alias(store):
     assert d.selected is None and not d.promoted
     assert d.champion_version == 3 and d.previous_champion == 3
     assert champion_version(client, "unqualified") == 3
+
+
+def test_teacher_registered_first_and_named_in_every_candidate(store):
+    client, exp = store
+    cfg = registry_cfg("with-teacher", teacher_model_name="with-teacher-t")
+    teacher = logged(exp, "teacher", 0.9, 0.9, params=1000)
+    d = register_and_promote(
+        client, cfg, [logged(exp, "a", 0.8, 0.8)], TEACHER, "h1", Rescore(), teacher_uri=teacher.model_uri
+    )
+    assert d.teacher_version == 1
+    tv = client.get_model_version("with-teacher-t", "1")
+    assert tv.tags[TEST_HASH_TAG] == "h1" and float(tv.tags["val_top1"]) == TEACHER["val_top1"]
+    v = client.get_model_version("with-teacher", "1")
+    assert v.tags["kdflow.teacher_model"] == "with-teacher-t" and v.tags["kdflow.teacher_version"] == "1"
+
+
+def test_champion_that_cannot_be_rescored_leaves_the_registry_untouched(store):
+    client, exp = store
+    cfg = registry_cfg("untouched", teacher_model_name="untouched-t")
+    register_and_promote(client, cfg, [logged(exp, "a", 0.8, 0.8)], TEACHER, "h1", Rescore())
+
+    def incompatible(uri: str) -> float:
+        raise ValueError(f"the current champion ({uri}) cannot be scored on this run's test data")
+
+    with pytest.raises(ValueError, match="cannot be scored"):
+        register_and_promote(
+            client,
+            cfg,
+            [logged(exp, "b", 0.9, 0.9)],
+            TEACHER,
+            "other-data",
+            incompatible,
+            teacher_uri=logged(exp, "t", 0.9, 0.9).model_uri,
+        )
+    assert [int(v.version) for v in client.search_model_versions("name='untouched'")] == [1]
+    assert client.search_model_versions("name='untouched-t'") == []
+    assert champion_version(client, "untouched") == 1

@@ -84,6 +84,12 @@ class Decision:
     previous_champion: int | None
     previous_score: float | None
     rejected: dict[str, str]
+    teacher_version: int | None = None
+
+
+def _metric_tags(metrics: dict[str, float]) -> dict[str, str]:
+    """Metrics as version tags, written exactly (repr) so a stored score compares equal to a recomputed one."""
+    return {k: repr(float(v)) for k, v in metrics.items()}
 
 
 def current_champion(client, cfg: RegistryConfig):
@@ -105,11 +111,14 @@ def register_and_promote(
     teacher: dict[str, float],
     test_hash: str,
     rescore: Callable[[str], float],
+    teacher_uri: str | None = None,
 ) -> Decision:
-    """Register every candidate as a version of `cfg.model_name`, then move the alias per policy and gate.
+    """Register the teacher (as `cfg.teacher_model_name`, when `teacher_uri` is given) and every candidate (as
+    versions of `cfg.model_name`), then move the alias per policy and gate.
 
     `rescore(model_uri)` evaluates a registered model on this run's test data; it is used only when the current
-    champion was scored on different test data (its stored score would not be comparable).
+    champion was scored on different test data (its stored score would not be comparable). It runs before
+    anything is written, so a champion that cannot be compared leaves the registry untouched.
     """
     import mlflow
 
@@ -123,38 +132,46 @@ def register_and_promote(
         else:
             previous_score = rescore(f"models:/{cfg.model_name}/{champ.version}")
 
+    lineage: dict[str, str] = {}
+    teacher_version = None
+    if teacher_uri is not None:
+        teacher_tags = {TEST_HASH_TAG: test_hash, **_metric_tags(teacher)}
+        teacher_version = int(mlflow.register_model(teacher_uri, cfg.teacher_model_name, tags=teacher_tags).version)
+        lineage = {"kdflow.teacher_model": cfg.teacher_model_name, "kdflow.teacher_version": str(teacher_version)}
     versions: dict[str, int] = {}
     for c in candidates:  # one call per version: each version appears whole (files, run link, tags) or not at all
-        tags = {**c.tags, TEST_HASH_TAG: test_hash, **{k: repr(float(v)) for k, v in c.metrics.items()}}
+        tags = {**c.tags, **lineage, TEST_HASH_TAG: test_hash, **_metric_tags(c.metrics)}
         mv = mlflow.register_model(c.model_uri, cfg.model_name, tags=tags)
         versions[c.name] = int(mv.version)
 
     prev_version = int(champ.version) if champ is not None else None
-    if selection.best is None:
-        return Decision(
-            None,
-            False,
-            "no candidate satisfies the policy",
-            versions,
-            prev_version,
-            prev_version,
-            previous_score,
-            selection.rejected,
-        )
-    best = selection.best
-    score = best.metrics[cfg.champion_metric]
-    if beats(score, previous_score, cfg.min_improvement):
+    best, promoted = selection.best, False
+    if best is None:
+        reason = "no candidate satisfies the policy"
+    else:
+        score = best.metrics[cfg.champion_metric]
+        promoted = beats(score, previous_score, cfg.min_improvement)
+        if prev_version is None:
+            reason = f"{best.name} is the first champion ({cfg.champion_metric}={score:.4f})"
+        elif promoted:
+            reason = (
+                f"{best.name} {cfg.champion_metric}={score:.4f} beats champion v{prev_version} ({previous_score:.4f})"
+            )
+        else:
+            reason = (
+                f"{best.name} {cfg.champion_metric}={score:.4f} does not beat champion v{prev_version} "
+                f"({previous_score:.4f} + {cfg.min_improvement})"
+            )
+    if promoted:
         client.set_registered_model_alias(cfg.model_name, cfg.alias, versions[best.name])
-        reason = (
-            f"{best.name} {cfg.champion_metric}={score:.4f} beats champion v{prev_version} ({previous_score:.4f})"
-            if prev_version is not None
-            else f"{best.name} is the first champion ({cfg.champion_metric}={score:.4f})"
-        )
-        return Decision(
-            best.name, True, reason, versions, versions[best.name], prev_version, previous_score, selection.rejected
-        )
-    reason = (
-        f"{best.name} {cfg.champion_metric}={score:.4f} does not beat champion v{prev_version} "
-        f"({previous_score:.4f} + {cfg.min_improvement})"
+    return Decision(
+        selected=best.name if best else None,
+        promoted=promoted,
+        reason=reason,
+        versions=versions,
+        champion_version=versions[best.name] if promoted else prev_version,
+        previous_champion=prev_version,
+        previous_score=previous_score,
+        rejected=selection.rejected,
+        teacher_version=teacher_version,
     )
-    return Decision(best.name, False, reason, versions, prev_version, prev_version, previous_score, selection.rejected)

@@ -415,20 +415,9 @@ def register(
                 f"the current {cfg.registry.alias} ({model_uri}) predicts {logits.shape[1]} classes, "
                 f"this task has {manifest['tasks']['target']['num_classes']}"
             )
-        return accuracy(logits, test.y)
+        return evaluate.topk_accuracy(logits, test.y, 5 if cfg.registry.champion_metric == "test_top5" else 1)
 
     with ctx.child("register", "register") as run:
-        teacher_version = mlflow.register_model(
-            teacher_info["model_uri"],
-            cfg.registry.teacher_model_name,
-            tags={
-                registry.TEST_HASH_TAG: manifest["target_test_hash"],
-                **{k: repr(float(v)) for k, v in teacher_info["metrics"].items()},
-            },
-        ).version
-        for c in candidates:
-            c.tags["kdflow.teacher_version"] = str(teacher_version)
-            c.tags["kdflow.teacher_model"] = cfg.registry.teacher_model_name
         decision = registry.register_and_promote(
             mlflow.MlflowClient(),
             cfg.registry,
@@ -436,10 +425,11 @@ def register(
             teacher_info["metrics"],
             manifest["target_test_hash"],
             rescore,
+            teacher_uri=teacher_info["model_uri"],
         )
         summary = {
             "decision": asdict(decision),
-            "teacher": {"version": int(teacher_version), **teacher_info["metrics"]},
+            "teacher": {"version": decision.teacher_version, **teacher_info["metrics"]},
             "candidates": {c.name: {"version": decision.versions[c.name], **c.metrics} for c in candidates},
             "model_name": cfg.registry.model_name,
             "policy": cfg.registry.policy.model_dump(),
