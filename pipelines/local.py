@@ -27,7 +27,7 @@ LOCAL_PARALLELISM = 2  # kfp.local's cap on concurrent ParallelFor iterations
 
 
 class PipelineFailed(RuntimeError):
-    """A step of the local run failed; its traceback is in the step log printed above."""
+    """A step of the local run failed; the message carries its error and the end of the run log."""
 
 
 class ProgressLog(io.TextIOBase):

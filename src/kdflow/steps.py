@@ -44,8 +44,8 @@ class StepContext:
     @classmethod
     def open(cls, config_json: str, tracking_uri: str, pipeline_run_id: str, pipeline_run_name: str) -> StepContext:
         cfg = config_from_json(config_json)
-        uri = tracking.connect(tracking_uri or None)
-        exp = tracking.ensure_experiment(cfg.experiment, uri)
+        uri = tracking.resolve_tracking_uri(tracking_uri or None)
+        exp = tracking.ensure_experiment(cfg.experiment, uri)  # also points this process at the store
         parent = tracking.parent_run_id(exp, pipeline_run_id, pipeline_run_name or pipeline_run_id, cfg.flat())
         return cls(cfg, uri, exp, parent, pipeline_run_id)
 
