@@ -279,7 +279,8 @@ def distill(ctx: StepContext, name: str, data_dir: str, teacher_dir: str, pruned
         student = models.build(student_cfg.arch, t["shape"][0], t["num_classes"], **student_cfg.arch_kwargs)
         spec = checkpoint.make_spec(student_cfg.arch, t["shape"][0], t["num_classes"], student_cfg.arch_kwargs)
     tgt = _splits(data_dir, "target")
-    source = Split(*data.load_split(data_dir, "source", "train"))
+    uses_source = loss_cfg.kind != "ce" and loss_cfg.transfer != "target"
+    source = Split(*data.load_split(data_dir, "source", "train")) if uses_source else None
     teacher_info = read_info(teacher_dir)
     lineage = {
         "kdflow.candidate": name,

@@ -166,7 +166,7 @@ def log_figure(fig, artifact_file: str) -> None:
     plt.close(fig)
 
 
-def log_model(model, example, name: str = "model", params: dict | None = None) -> str:
+def log_model(model, example, name: str = "model") -> str:
     """Log a servable PyTorch model (torch.export `pt2` format) with signature and input example; return its
     `models:/<id>` URI. `example` needs a batch of 2 or more so the exported batch dimension stays dynamic."""
     import mlflow
@@ -185,7 +185,6 @@ def log_model(model, example, name: str = "model", params: dict | None = None) -
         input_example=example.numpy(),
         signature=sig,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-        params=params,
     )
     return info.model_uri
 
