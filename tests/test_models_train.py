@@ -205,6 +205,11 @@ def cfg(epochs: int = 6, **kw) -> TrainConfig:
     return TrainConfig(**{"epochs": epochs, "batch_size": 32, "lr": 0.05, **kw})
 
 
+def train_quadrants(model: nn.Module, config: TrainConfig, **kw):
+    """`fit` on the quadrant task with the fixed normaliser, seed 0 and the CPU."""
+    return fit(model, TRAIN, VAL, config, NORM, seed=0, device=CPU, **kw)
+
+
 def cnn(width: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return models.build("cnn", in_channels=1, num_classes=4, width=width)
@@ -213,7 +218,7 @@ def cnn(width: int, seed: int = 0) -> nn.Module:
 @pytest.fixture(scope="module")
 def teacher() -> nn.Module:
     t = cnn(8)
-    res = fit(t, TRAIN, VAL, cfg(6), NORM, seed=0, device=CPU)
+    res = train_quadrants(t, cfg(6))
     assert res.best_val_acc == 1.0
     return t
 
@@ -225,7 +230,7 @@ def state(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_fit_cross_entropy_solves_the_task():
     model = cnn(4)
     seen = []
-    res = fit(model, TRAIN, VAL, cfg(6), NORM, seed=0, device=CPU, on_epoch=lambda e, m: seen.append(e))
+    res = train_quadrants(model, cfg(6), on_epoch=lambda e, m: seen.append(e))
     assert res.best_val_acc == 1.0
     assert 1 <= res.best_epoch <= 6
     assert seen == [1, 2, 3, 4, 5, 6] and len(res.history) == 6
@@ -237,14 +242,9 @@ def test_fit_cross_entropy_solves_the_task():
 def test_fit_restores_the_best_epoch_weights():
     model = cnn(4)
     snapshots = {0: state(model)}
-    res = fit(
+    res = train_quadrants(
         model,
-        TRAIN,
-        VAL,
         cfg(8, lr=0.5, augment="crop"),
-        NORM,
-        seed=0,
-        device=CPU,
         on_epoch=lambda e, m: snapshots.__setitem__(e, state(model)),
     )
     accs = [h["val_acc"] for h in res.history]
@@ -256,14 +256,14 @@ def test_fit_restores_the_best_epoch_weights():
 
 
 def test_fit_sgd_without_momentum():
-    res = fit(cnn(4), TRAIN, VAL, cfg(1, momentum=0.0), NORM, seed=0, device=CPU)
+    res = train_quadrants(cnn(4), cfg(1, momentum=0.0))
     assert len(res.history) == 1
 
 
 def test_fit_zero_epochs_keeps_the_initial_weights():
     model = cnn(4)
     before = state(model)
-    res = fit(model, TRAIN, VAL, cfg(0), NORM, seed=0, device=CPU)
+    res = train_quadrants(model, cfg(0))
     assert res.best_epoch == 0 and res.history == []
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -285,14 +285,9 @@ def test_fit_with_adamw_and_augmentation_trains():
 def test_fit_kd_with_teacher_trains(teacher):
     teacher_before = state(teacher)
     model = cnn(4)
-    res = fit(
+    res = train_quadrants(
         model,
-        TRAIN,
-        VAL,
         cfg(10),
-        NORM,
-        seed=0,
-        device=CPU,
         loss=LossConfig(name="kd", kind="kd"),
         teacher=teacher,
     )
@@ -305,14 +300,9 @@ def test_fit_kd_with_teacher_trains(teacher):
 
 def test_fit_hint_with_wider_teacher_trains(teacher):
     model = cnn(4)
-    res = fit(
+    res = train_quadrants(
         model,
-        TRAIN,
-        VAL,
         cfg(10),
-        NORM,
-        seed=0,
-        device=CPU,
         loss=LossConfig(name="hint", kind="hint"),
         teacher=teacher,
         hint_layers=("features", "features"),
@@ -328,14 +318,9 @@ def test_fit_hint_with_wider_teacher_trains(teacher):
 def test_fit_with_a_source_transfer_set_runs(teacher, kind, transfer):
     model = cnn(4)
     loss = LossConfig(name=kind, kind=kind, transfer=transfer)
-    res = fit(
+    res = train_quadrants(
         model,
-        TRAIN,
-        VAL,
         cfg(2),
-        NORM,
-        seed=0,
-        device=CPU,
         loss=loss,
         teacher=teacher,
         source=SOURCE,
@@ -380,25 +365,20 @@ def test_same_seed_gives_identical_kd_weights(teacher):
 @pytest.mark.parametrize("kind", ["kd", "logit_mse", "hint"])
 def test_distillation_loss_without_teacher_fails(kind):
     with pytest.raises(ValueError, match="needs a teacher"):
-        fit(cnn(4), TRAIN, VAL, cfg(1), NORM, seed=0, device=CPU, loss=LossConfig(name=kind, kind=kind))
+        train_quadrants(cnn(4), cfg(1), loss=LossConfig(name=kind, kind=kind))
 
 
 @pytest.mark.parametrize("transfer", ["source", "both"])
 def test_source_transfer_without_source_fails(teacher, transfer):
     loss = LossConfig(name="kd", kind="kd", transfer=transfer)
     with pytest.raises(ValueError, match="no source data"):
-        fit(cnn(4), TRAIN, VAL, cfg(1), NORM, seed=0, device=CPU, loss=loss, teacher=teacher)
+        train_quadrants(cnn(4), cfg(1), loss=loss, teacher=teacher)
 
 
 def test_ce_ignores_transfer_and_needs_no_source():
-    res = fit(
+    res = train_quadrants(
         cnn(4),
-        TRAIN,
-        VAL,
         cfg(1),
-        NORM,
-        seed=0,
-        device=CPU,
         loss=LossConfig(name="ce", kind="ce", transfer="source"),
     )
     assert len(res.history) == 1
