@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdflow import checkpoint, data, evaluate, models, registry, tracking
+from kdflow import checkpoint, data, evaluate, losses, models, registry, tracking
 from kdflow.config import Config, config_from_json
 from kdflow.train import Split, accuracy, fit, predict, resolve_device, seed_everything
 
@@ -279,8 +279,7 @@ def distill(ctx: StepContext, name: str, data_dir: str, teacher_dir: str, pruned
         student = models.build(student_cfg.arch, t["shape"][0], t["num_classes"], **student_cfg.arch_kwargs)
         spec = checkpoint.make_spec(student_cfg.arch, t["shape"][0], t["num_classes"], student_cfg.arch_kwargs)
     tgt = _splits(data_dir, "target")
-    uses_source = loss_cfg.kind != "ce" and loss_cfg.transfer != "target"
-    source = Split(*data.load_split(data_dir, "source", "train")) if uses_source else None
+    source = Split(*data.load_split(data_dir, "source", "train")) if losses.uses_source_data(loss_cfg) else None
     teacher_info = read_info(teacher_dir)
     lineage = {
         "kdflow.candidate": name,
@@ -314,7 +313,7 @@ def distill(ctx: StepContext, name: str, data_dir: str, teacher_dir: str, pruned
             seed=cfg.seed,
             device=device,
             loss=loss_cfg,
-            teacher=teacher if loss_cfg.kind != "ce" else None,
+            teacher=teacher if losses.needs_teacher(loss_cfg) else None,
             source=source,
             hint_layers=(models.hint_layer(spec["arch"]), models.hint_layer(tspec["arch"])),
             on_epoch=tracking.epoch_logger(f"distill {name}", cfg.distill.train.epochs),

@@ -22,7 +22,7 @@ from torch import nn
 
 from kdflow.config import LossConfig, TrainConfig
 from kdflow.data import Normalizer
-from kdflow.losses import HintAdapter, objective
+from kdflow.losses import HintAdapter, needs_teacher, objective, uses_source_data
 
 
 def seed_everything(seed: int) -> None:
@@ -141,17 +141,17 @@ def fit(
     `hint_layers` = (student layer, teacher layer) for feature-hint objectives.
     """
     loss = loss or LossConfig(name="ce", kind="ce")
-    if loss.kind != "ce" and teacher is None:
+    if needs_teacher(loss) and teacher is None:
         raise ValueError(f"loss {loss.name!r} ({loss.kind}) needs a teacher")
     if loss.kind == "hint" and hint_layers is None:
         raise ValueError(f"loss {loss.name!r} (hint) needs hint_layers=(student layer, teacher layer)")
-    if loss.kind != "ce" and loss.transfer != "target" and source is None:
+    use_source = uses_source_data(loss)
+    if use_source and source is None:
         raise ValueError(f"loss {loss.name!r} uses transfer={loss.transfer!r} but no source data was given")
     seed_everything(seed)
     model.to(device)
     normalizer = normalizer.to(device)
     train, val = train.to(device), val.to(device)
-    use_source = loss.kind != "ce" and loss.transfer in ("source", "both")
     if use_source:
         source = source.to(device)
     if teacher is not None:
@@ -207,7 +207,7 @@ def fit(
                     logits = s_transfer = model(xb)  # (B, K)
                 s_feat = taps[0].value if taps else None
                 t_logits = t_feat = None
-                if teacher is not None and loss.kind != "ce":
+                if teacher is not None and needs_teacher(loss):
                     with torch.no_grad():
                         t_logits = teacher(xt)  # (B', K)
                     t_feat = taps[1].value if taps else None
