@@ -200,11 +200,65 @@ class RegistryConfig(_Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
 
 
+K8S_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"  # a Kubernetes resource quantity
+DURATION = r"^[0-9]+s$"  # KFP retry durations are whole seconds, e.g. "60s"
+
+
+class Resources(_Section):
+    """CPU/memory requests and limits for one kind of step (Kubernetes quantities: "4", "500m", "16G")."""
+
+    cpu_request: str | None = Field(None, pattern=K8S_QUANTITY)
+    cpu_limit: str | None = Field(None, pattern=K8S_QUANTITY)
+    memory_request: str | None = Field(None, pattern=K8S_QUANTITY)
+    memory_limit: str | None = Field(None, pattern=K8S_QUANTITY)
+
+
+class Toleration(_Section):
+    """A pod toleration, so GPU steps may land on tainted GPU nodes."""
+
+    key: str
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, ge=0)
+
+
+class RetryConfig(_Section):
+    """Retries with exponential backoff for transient failures (node preemption, a flaky store)."""
+
+    max_retries: int = Field(2, ge=0, le=100)
+    backoff: str = Field("30s", pattern=DURATION)
+    backoff_factor: float = Field(2.0, ge=1.0, le=10.0)
+    max_backoff: str = Field("600s", pattern=DURATION)
+
+
 class ClusterConfig(_Section):
-    """Settings that only matter on Kubeflow: accelerators for the training steps."""
+    """Settings that only matter on Kubeflow: placement, resources, retries and where secrets come from.
+
+    KFP fixes these in the compiled spec, so they apply at `kdflow compile` / `kdflow submit` time."""
 
     gpus: int = Field(1, ge=0, le=16)
     accelerator: str = "nvidia.com/gpu"
+    teacher_processes: int | None = Field(None, ge=1, le=64)  # torchrun workers; None = one per visible GPU
+    # GPU steps only, e.g. {"nvidia.com/gpu.present": "true"}
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+    )
+    gpu_resources: Resources = Field(
+        default_factory=lambda: Resources(cpu_request="4", cpu_limit="8", memory_request="16G", memory_limit="32G")
+    )
+    cpu_resources: Resources = Field(
+        default_factory=lambda: Resources(cpu_request="1", cpu_limit="2", memory_request="2G", memory_limit="4G")
+    )
+    shm_size: str | None = Field("2Gi", pattern=K8S_QUANTITY)  # memory-backed /dev/shm; None = no mount
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    cache_data_prep: bool = True
+    tracking_config_map: str | None = "kdflow-mlflow"  # ConfigMap with MLFLOW_TRACKING_URI (+ MLFLOW_S3_ENDPOINT_URL)
+    config_map_keys: list[str] = Field(default_factory=lambda: ["MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"])
+    s3_secret: str | None = "kdflow-s3"  # Secret with the S3 credentials for data and MLflow artifacts
+    secret_keys: list[str] = Field(default_factory=lambda: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+    pipeline_root: str | None = None  # e.g. "s3://kdflow-pipelines/root"; None = the cluster's default
 
 
 class Config(_Section):
