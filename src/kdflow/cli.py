@@ -1,4 +1,4 @@
-"""The `kdflow` command: run the local mini-pipeline, compile the pipeline for Kubeflow."""
+"""The `kdflow` command: run the local mini-pipeline, compile the pipeline for Kubeflow, submit it to a cluster."""
 
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ def run(
     set_: list[str] | None = SET_OPT,
     home: Path | None = typer.Option(
         None,
-        help="Folder for the embedded MLflow store and local outputs [default: $KDFLOW_HOME or ./kdflow-home].",
+        help="Folder for the embedded MLflow store and local outputs (default: $KDFLOW_HOME or ./kdflow-home).",
     ),
     tracking_uri: str | None = typer.Option(
-        None, help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or the embedded store]."
+        None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded store)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the steps' full logs, not just progress."),
 ) -> None:
@@ -124,6 +124,103 @@ def compile_(
     cfg = _load(config, set_)
     path = compile_pipeline(cfg, output, tracking_uri)
     console.print(f"wrote {path} ({len(cfg.candidates())} candidates)")
+
+
+@app.command()
+def submit(
+    config: Path | None = CONFIG_OPT,
+    set_: list[str] | None = SET_OPT,
+    package: Path | None = typer.Option(
+        None, "--package", help="Submit this compiled YAML (from `kdflow compile`) instead of compiling the config."
+    ),
+    host: str | None = typer.Option(
+        None,
+        "--host",
+        envvar="KF_PIPELINES_ENDPOINT",
+        help="KFP API URL, e.g. http://localhost:8080 (port-forwarded ml-pipeline-ui) or https://<kubeflow>/pipeline.",
+    ),
+    namespace: str | None = typer.Option(None, "--namespace", "-n", help="Profile namespace (multi-user Kubeflow)."),
+    experiment: str | None = typer.Option(
+        None, help="KFP experiment, created when missing (default: the config's experiment)."
+    ),
+    run_name: str | None = typer.Option(None, help="Run name (default: <experiment>-<UTC timestamp>)."),
+    param: list[str] | None = typer.Option(
+        None, "--param", help="Run parameter k=v: tracking_uri, candidates (a YAML list of names) or config_json."
+    ),
+    token: str | None = typer.Option(
+        None,
+        help="Bearer token (default: $KF_PIPELINES_TOKEN, else the service-account token at "
+        "$KF_PIPELINES_SA_TOKEN_PATH or /var/run/secrets/kubeflow/pipelines/token).",
+    ),
+    wait: bool = typer.Option(False, "--wait", help="Follow the run to its end; exit 1 unless it succeeded."),
+    timeout: float = typer.Option(86400.0, min=0, help="With --wait: give up after this many seconds."),
+    poll_interval: float = typer.Option(15.0, min=0, help="With --wait: seconds between status checks."),
+    schedule: str | None = typer.Option(
+        None,
+        help="Create a recurring run instead, on this cron (UTC): 6 fields with seconds first as KFP expects, "
+        "e.g. '0 0 3 * * 0' (Sundays 03:00); 5 standard fields get seconds=0 prepended; @daily, @every 24h.",
+    ),
+) -> None:
+    """Submit the pipeline to Kubeflow Pipelines: one run, or with --schedule a recurring run."""
+    import tempfile
+
+    from kdflow import submit as kfp
+    from kdflow.pipelines.compile import compile_pipeline
+
+    def fail(message: object, code: int) -> typer.Exit:
+        console.print(f"[red]error:[/red] {escape(str(message))}", soft_wrap=True)
+        return typer.Exit(code)
+
+    if package is not None and (config is not None or set_):
+        raise fail("--package is already compiled: pass either --package or --config/--set", 2)
+    if wait and schedule is not None:
+        raise fail("--wait follows one run, --schedule creates a recurring run: pass one of them", 2)
+    if not host:
+        raise fail("no KFP API given: pass --host URL or set $KF_PIPELINES_ENDPOINT", 2)
+    try:  # the checks that need no package first
+        host, params, auth = kfp.check_host(host), kfp.parse_params(param), kfp.resolve_auth(token)
+        if schedule is not None:
+            kfp.kfp_cron(schedule)
+    except kfp.SubmitError as err:
+        raise fail(err, 2) from None
+    with tempfile.TemporaryDirectory(prefix="kdflow-submit-") as tmp:
+        if package is None:
+            package = compile_pipeline(_load(config, set_), Path(tmp) / "kdflow-pipeline.yaml")
+        try:
+            plan = kfp.plan(package, params, experiment, run_name, schedule)
+            console.print(f"KFP API {host} (auth: {escape(auth.source)})", soft_wrap=True)
+            client, namespace = kfp.open_client(host, auth, namespace)
+            sub = kfp.submit(client, host, plan, namespace)
+        except kfp.SubmitError as err:
+            raise fail(err, 2) from None
+        except kfp.KfpError as err:
+            raise fail(err, 1) from None
+    made = "created" if sub.experiment_created else "existing"
+    console.print(f"experiment {escape(sub.experiment)} ({made}, id {sub.experiment_id})", soft_wrap=True)
+    if sub.recurring:
+        console.print(f"recurring run {escape(sub.name)} on cron {sub.cron!r} (UTC)", soft_wrap=True)
+        console.print(f"recurring run id: {sub.id}\nurl: {sub.url}", soft_wrap=True, highlight=False)
+        return
+    console.print(f"run {escape(sub.name)}", soft_wrap=True)
+    console.print(f"run id: {sub.id}\nurl: {sub.url}", soft_wrap=True, highlight=False)
+    if not wait:
+        return
+    try:
+        run = kfp.wait_for_run(
+            client,
+            host,
+            sub.id,
+            timeout=timeout,
+            poll_interval=poll_interval,
+            on_state=lambda state: console.print(f"  state: {state}"),
+        )
+    except kfp.KfpError as err:
+        raise fail(err, 1) from None
+    if run.state != kfp.SUCCEEDED:
+        why = kfp.run_error(run)
+        console.print(f"[red]run {run.state}[/red]{': ' + escape(why) if why else ''}", soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"[green]run {run.state}[/green]")
 
 
 if __name__ == "__main__":  # pragma: no cover
