@@ -26,8 +26,10 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Which source and target tasks to build and how to split them (see `kdflow.data`)."""
 
+    # digits | mnist-idx:<dir> | usps:<dir> | imagefolder:<dir> | mnist, fashion-mnist, cifar10, cifar100 |
+    # s3://<bucket>/<prefix>/ (an ImageFolder tree) | s3://<bucket>/<key>.tar[.gz]|.tgz|.zip (an archive of one)
     source: str = "digits"
-    target: str | None = None
+    target: str | None = None  # the same forms; required by setup cross_dataset
     setup: Literal["cross_dataset", "class_split", "domain_shift"] = "domain_shift"
     source_classes: list[int] | None = None
     target_classes: list[int] | None = None

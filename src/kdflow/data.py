@@ -5,7 +5,8 @@ two sources into a *source task* (teacher pretraining, and the optional source t
 (fine-tuning, distillation, evaluation). Each sample's split is decided by a hash of its pixels and the seed, not
 by its position: the same image always lands in the same split, duplicates cannot leak across splits, and
 reordering a dataset changes nothing. The result is a directory of weights-only-loadable tensor files plus a
-manifest (classes, shapes, counts, normalisation, content hash).
+manifest (classes, shapes, counts, normalisation, content hash, and the URI, ETags and SHA-256 of s3://
+sources).
 """
 
 from __future__ import annotations
@@ -189,9 +190,36 @@ def _open_image(path: str, mode: str, size: int):
         return im.convert(mode).resize((size, size), Image.BILINEAR)
 
 
+def load_s3(uri: str, cfg: DataConfig) -> ImageSet:
+    """An ImageFolder tree (`s3://bucket/prefix/`) or archive of one (`s3://bucket/data.tar.gz`, `.zip`), fetched
+    into the cache under `data.root` (see `kdflow.s3`); with `data.download: false` only the cache is used."""
+    from kdflow import s3
+
+    if cfg.image_size is None:
+        raise DataError(f"{uri} needs data.image_size (images come in any size)")
+    fetched = s3.fetch(uri, s3_cache_root(cfg), offline=not cfg.download)
+    try:
+        return load_imagefolder(fetched.root, cfg.image_size, cfg.channels)
+    except (DataError, OSError) as err:  # OSError: PIL cannot decode an image
+        raise DataError(f"{uri} (cached in {fetched.root}): {err}") from None
+
+
+def s3_cache_root(cfg: DataConfig) -> Path:
+    return Path(cfg.root).expanduser() / "s3"
+
+
+def source_origin(spec: str | None, cfg: DataConfig) -> dict | None:
+    """Where a source's data came from, for the manifest: URI, ETags and content hash of an s3:// source."""
+    from kdflow import s3
+
+    return s3.cached_lineage(spec, s3_cache_root(cfg)) if s3.is_s3_uri(spec) else None
+
+
 def load_source(spec: str, cfg: DataConfig) -> ImageSet:
-    """Resolve a source string: `digits`, `mnist-idx:<dir>`, `usps:<dir>`, `imagefolder:<dir>`, or a
-    torchvision name (`mnist`, `fashion-mnist`, `cifar10`, `cifar100`)."""
+    """Resolve a source string: `digits`, `mnist-idx:<dir>`, `usps:<dir>`, `imagefolder:<dir>`, `s3://<bucket>/...`
+    or a torchvision name (`mnist`, `fashion-mnist`, `cifar10`, `cifar100`)."""
+    if spec.startswith("s3://"):
+        return load_s3(spec, cfg)
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         return load_digits_set()
@@ -204,8 +232,8 @@ def load_source(spec: str, cfg: DataConfig) -> ImageSet:
     if spec in TORCHVISION_SOURCES:
         return load_torchvision(spec, cfg.root, cfg.download)
     raise DataError(
-        f"unknown data source {spec!r}: use digits, mnist-idx:<dir>, usps:<dir>, imagefolder:<dir> "
-        f"or one of {', '.join(TORCHVISION_SOURCES)}"
+        f"unknown data source {spec!r}: use digits, mnist-idx:<dir>, usps:<dir>, imagefolder:<dir>, "
+        f"s3://<bucket>/<prefix>/, s3://<bucket>/<archive>.tar.gz|.zip or one of {', '.join(TORCHVISION_SOURCES)}"
     )
 
 
@@ -350,13 +378,17 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
     hashes = []
     for task in TASKS:
         ds = source if task == "source" else target
+        spec = cfg.source if task == "source" or cfg.setup != "cross_dataset" else cfg.target
         manifest["tasks"][task] = {
-            "spec": cfg.source if task == "source" or cfg.setup != "cross_dataset" else cfg.target,
+            "spec": spec,
             "classes": ds.classes,
             "num_classes": len(ds.classes),
             "shape": list(ds.x.shape[1:]),
             "counts": {name: len(p.x) for name, p in splits[task].items()},
         }
+        origin = source_origin(spec, cfg)
+        if origin is not None:
+            manifest["tasks"][task]["origin"] = origin
         for name, part in splits[task].items():
             torch.save({"x": part.x, "y": part.y}, out / f"{task}_{name}.pt")
             hashes.append(tensor_hash(part.x, part.y))
