@@ -4,7 +4,7 @@ PYTHON ?= python3
 STAMP := .setup.stamp
 ARGS ?=
 
-.PHONY: setup run test compile lint
+.PHONY: setup run test compile lint image push tracking-up tracking-down
 
 setup: $(STAMP)
 
@@ -23,3 +23,19 @@ compile: $(STAMP)
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check src components pipelines tests
+
+# Cluster path: the image every step runs in (tag from kdflow.components.image) and the MLflow tracking stack
+IMAGE = $(shell $(PYTHON) -c 'from kdflow.components.image import IMAGE; print(IMAGE)')
+COMPOSE = docker compose -f docker/compose.yaml --env-file docker/.env
+
+image: $(STAMP)
+	docker build -f docker/Dockerfile -t $(IMAGE) .
+
+push: image
+	docker push $(IMAGE)
+
+tracking-up:
+	$(COMPOSE) up -d --build
+
+tracking-down:
+	$(COMPOSE) down
