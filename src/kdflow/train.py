@@ -4,6 +4,9 @@ Datasets here are small enough to live as uint8 tensors on the training device; 
 and normalised (and augmented) on the device, so no DataLoader workers or per-sample PIL transforms sit in the
 hot path. A teacher, when given, is frozen in eval mode and only ever runs under `torch.no_grad()`.
 The best epoch on the validation split is kept: test data never steers training.
+
+Inside a torchrun worker (`kdflow.distributed`) the same loop trains data-parallel: the model is wrapped in
+DistributedDataParallel and each rank trains on its share of every global batch.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdflow import distributed
 from kdflow.config import LossConfig, TrainConfig
 from kdflow.data import Normalizer
 from kdflow.losses import HintAdapter, needs_teacher, objective, uses_source_data
@@ -139,8 +143,18 @@ def fit(
     `loss` defaults to plain cross-entropy. With a teacher, the distillation terms use the transfer set that
     `loss.transfer` names: the target batch itself, a batch of `source` images, or both concatenated.
     `hint_layers` = (student layer, teacher layer) for feature-hint objectives.
+
+    Under torch.distributed with several processes (`kdflow.distributed`), `model` (and a hint adapter) train in
+    DistributedDataParallel: every rank draws the same global batch of `cfg.batch_size` and trains on
+    `batch[rank::world]`, its loss weighted so the averaged gradient is the global batch's, so one optimizer
+    step still consumes one global batch. BatchNorm uses SyncBatchNorm on CUDA (torch has no CPU kernel for it;
+    on CPU each rank normalises its share and rank 0's running statistics are kept). Rank 0 validates and its
+    numbers reach every rank, so all ranks keep the same epoch and end with identical weights; only rank 0 calls
+    `on_epoch`. The teacher is never wrapped: it is frozen and each rank runs it forward on its own share.
     """
     loss = loss or LossConfig(name="ce", kind="ce")
+    if isinstance(teacher, nn.parallel.DistributedDataParallel):
+        raise ValueError("the teacher is frozen and only runs forward: pass the bare module, not a DDP wrapper")
     if needs_teacher(loss) and teacher is None:
         raise ValueError(f"loss {loss.name!r} ({loss.kind}) needs a teacher")
     if loss.kind == "hint" and hint_layers is None:
@@ -148,6 +162,9 @@ def fit(
     use_source = uses_source_data(loss)
     if use_source and source is None:
         raise ValueError(f"loss {loss.name!r} uses transfer={loss.transfer!r} but no source data was given")
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     seed_everything(seed)
     model.to(device)
     normalizer = normalizer.to(device)
@@ -159,6 +176,7 @@ def fit(
         for p in teacher.parameters():
             p.requires_grad_(False)
 
+    sync_bn = distributed.use_sync_batchnorm(model) if world > 1 and device.type == "cuda" else []
     taps, adapter = None, None
     if loss.kind == "hint":
         s_tap, t_tap = _FeatureTap(model, hint_layers[0]), _FeatureTap(teacher, hint_layers[1])
@@ -169,6 +187,10 @@ def fit(
             teacher(probe)
         adapter = HintAdapter(s_tap.value.shape[1], t_tap.value.shape[1]).to(device)
 
+    net, net_adapter = model, adapter  # what the training step calls: DDP wrappers under torch.distributed
+    if world > 1:
+        net = distributed.wrap(model, device)
+        net_adapter = distributed.wrap(adapter, device) if adapter else None
     params = list(model.parameters()) + (list(adapter.parameters()) if adapter else [])
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(
@@ -181,30 +203,36 @@ def fit(
     amp, scaler = _autocast(device)
     gen = torch.Generator(device=device).manual_seed(seed)
 
-    init_logits = predict(model, val.x, normalizer)
-    best = FitResult(best_epoch=0, best_val_acc=accuracy(init_logits, val.y))
-    best_key = (best.best_val_acc, -float(F.cross_entropy(init_logits, val.y.cpu())))
+    init_acc, init_loss = _validate(model, val, normalizer, world)
+    best = FitResult(best_epoch=0, best_val_acc=init_acc)
+    best_key = (init_acc, -init_loss)
     best_state = copy.deepcopy(model.state_dict())
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
+        net.train()
         order = torch.randperm(len(train), generator=gen, device=device)
         src_order = torch.randperm(len(source), generator=gen, device=device) if use_source else None
+        if world > 1:  # identical already (same seed); broadcast so no device difference can split the ranks
+            distributed.broadcast_(order)
+            if use_source:
+                distributed.broadcast_(src_order)
         sums: dict[str, float] = {}
         for i in range(steps_per_epoch):
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            xb = normalizer(augment(train.x[idx], cfg.augment, gen))  # (B, C, H, W)
-            yb = train.y[idx]
+            share, weight = _share(len(idx), rank, world, device)
+            # the whole global batch is augmented on every rank, so every rank's generator stays in step
+            xb = normalizer(_take(augment(train.x[idx], cfg.augment, gen), share))  # (B, C, H, W)
+            yb = _take(train.y[idx], share)
             with amp:
                 if use_source:
                     j = (torch.arange(len(idx), device=device) + i * cfg.batch_size) % len(source)
-                    xs = normalizer(augment(source.x[src_order[j]], cfg.augment, gen))
+                    xs = normalizer(_take(augment(source.x[src_order[j]], cfg.augment, gen), share))
                     xt = xs if loss.transfer == "source" else torch.cat([xb, xs])
-                    out = model(torch.cat([xb, xs]))  # one student pass over labelled + transfer images
+                    out = net(torch.cat([xb, xs]))  # one student pass over labelled + transfer images
                     logits = out[: len(xb)]
                     s_transfer = out[len(xb) :] if loss.transfer == "source" else out
                 else:
                     xt = xb
-                    logits = s_transfer = model(xb)  # (B, K)
+                    logits = s_transfer = net(xb)  # (B, K)
                 s_feat = taps[0].value if taps else None
                 t_logits = t_feat = None
                 if teacher is not None and needs_teacher(loss):
@@ -213,35 +241,64 @@ def fit(
                     t_feat = taps[1].value if taps else None
                     if taps and s_feat.shape[0] != t_feat.shape[0]:  # student saw labelled + source images
                         s_feat = s_feat[len(xb) :]
-                adapted = adapter(s_feat, t_feat.shape[-2:]) if adapter else None
+                adapted = net_adapter(s_feat, t_feat.shape[-2:]) if adapter else None
                 total, parts = objective(loss, logits, yb, s_transfer, t_logits, adapted, t_feat)
+            scaled = total if weight is None else total * weight  # DDP averages: Σ_ranks share/batch · mean
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
-                scaler.scale(total).backward()
+                scaler.scale(scaled).backward()
                 scaler.step(opt)
                 scaler.update()
             else:
-                total.backward()
+                scaled.backward()
                 opt.step()
             sched.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
+            for k, v in [*parts.items(), ("loss", float(total.detach()))]:  # DDP: this rank's part of the mean
+                sums[k] = sums.get(k, 0.0) + (v if weight is None else v * weight / world)
 
-        val_logits = predict(model, val.x, normalizer)
+        if world > 1:
+            sums = distributed.all_reduce_sums(sums, device)  # global-batch means, as on one process
+            distributed.broadcast_buffers(model)  # every rank validates and keeps rank 0's statistics
         metrics = {f"train_{k}": v / steps_per_epoch for k, v in sums.items()}
-        metrics["val_acc"] = accuracy(val_logits, val.y)
-        metrics["val_loss"] = float(F.cross_entropy(val_logits, val.y.cpu()))
+        metrics["val_acc"], metrics["val_loss"] = _validate(model, val, normalizer, world)
         metrics["lr"] = sched.get_last_lr()[0]
         best.history.append(metrics)
         key = (metrics["val_acc"], -metrics["val_loss"])  # small val sets saturate: ties go to the lower loss
         if key > best_key:
             best_key, best.best_epoch, best.best_val_acc = key, epoch, metrics["val_acc"]
             best_state = copy.deepcopy(model.state_dict())
-        if on_epoch:
+        if on_epoch and rank == 0:
             on_epoch(epoch, metrics)
     if taps:
         for t in taps:
             t.close()
     model.load_state_dict(best_state)
+    distributed.restore_batchnorm(sync_bn)
     return best
+
+
+def _share(batch: int, rank: int, world: int, device: torch.device) -> tuple[torch.Tensor | None, float | None]:
+    """This rank's positions in a global batch of `batch` and the weight of its mean loss, so that DDP's
+    average of the weighted losses' gradients is the gradient of the global batch's mean loss. (None, None)
+    without DDP. A rank left without samples (a last batch smaller than the world) runs one sample at weight 0:
+    every rank must take part in each backward pass."""
+    if world == 1:
+        return None, None
+    share = torch.arange(rank, batch, world, device=device)
+    if len(share) == 0:
+        return torch.zeros(1, dtype=torch.long, device=device), 0.0
+    return share, world * len(share) / batch
+
+
+def _take(x: torch.Tensor, share: torch.Tensor | None) -> torch.Tensor:
+    return x if share is None else x[share]
+
+
+def _validate(model: nn.Module, val: Split, normalizer: Normalizer, world: int) -> tuple[float, float]:
+    """(accuracy, cross-entropy) on the validation split. Under DDP rank 0 computes them and every rank gets
+    rank 0's numbers, so all ranks make the same best-epoch choice."""
+    result = None
+    if world == 1 or distributed.is_main():
+        logits = predict(model, val.x, normalizer)
+        result = (accuracy(logits, val.y), float(F.cross_entropy(logits, val.y.cpu())))
+    return result if world == 1 else distributed.broadcast_object(result)
