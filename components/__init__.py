@@ -7,8 +7,9 @@ source to the container; the image already has kdflow and kfp (`install_kfp_pack
 from kdflow.components.data_prep import data_prep
 from kdflow.components.distill import distill
 from kdflow.components.evaluate import evaluate
+from kdflow.components.finalize import finalize
 from kdflow.components.prune import prune
 from kdflow.components.register import register
 from kdflow.components.teacher import train_teacher
 
-__all__ = ["data_prep", "train_teacher", "prune", "distill", "evaluate", "register"]
+__all__ = ["data_prep", "train_teacher", "prune", "distill", "evaluate", "register", "finalize"]

@@ -18,6 +18,7 @@ def train_teacher(
     from kdflow import steps
 
     ctx = steps.StepContext.open(config_json, tracking_uri, pipeline_run_id, pipeline_run_name)
+    steps.record_data(ctx, data.path)  # data prep is store-free (cacheable): the first step after it logs it
     for key, value in steps.train_teacher(ctx, data.path, teacher.path).items():
         metrics.log_metric(key, value)
     teacher.metadata["framework"] = "pytorch"

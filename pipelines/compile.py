@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kfp import compiler
 
-from kdflow.config import Config
+from kdflow.config import ClusterConfig, Config
 from kdflow.pipelines.kdflow_pipeline import build_pipeline
 
 
@@ -18,10 +18,17 @@ def pipeline_arguments(cfg: Config, tracking_uri: str = "") -> dict:
     }
 
 
+def cluster_settings(cfg: Config) -> ClusterConfig:
+    """The config's cluster section, with data-prep caching off when data comes from s3://: the objects behind
+    a URI can change while the config (KFP's cache key) stays the same."""
+    from_s3 = any(str(spec or "").startswith("s3://") for spec in (cfg.data.source, cfg.data.target))
+    return cfg.cluster.model_copy(update={"cache_data_prep": False}) if from_s3 else cfg.cluster
+
+
 def compile_pipeline(cfg: Config, out: str | Path, tracking_uri: str = "") -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(
-        build_pipeline(cfg.cluster), str(out), pipeline_parameters=pipeline_arguments(cfg, tracking_uri)
+        build_pipeline(cluster_settings(cfg)), str(out), pipeline_parameters=pipeline_arguments(cfg, tracking_uri)
     )
     return out

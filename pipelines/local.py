@@ -75,7 +75,9 @@ def run_local(cfg: Config, home: Path, tracking_uri: str | None = None, verbose:
     tracking.ensure_experiment(cfg.experiment, uri)  # creates the SQLite store once, before steps race for it
     # kfp.local runs up to two loop iterations at once: each gets its share of the cores (steps read this)
     os.environ.setdefault(PARALLEL_THREADS_ENV, str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLELISM)))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "pipeline-root"))
+    root = home / "pipeline-root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    before = set(root.iterdir()) if root.is_dir() else set()
     pipeline = build_pipeline(cfg.cluster)
     original_print = builtins.print  # kfp.local swaps print() to indent step logs and may not restore it
     log = ProgressLog(home / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log", sys.stdout, verbose)
@@ -83,7 +85,7 @@ def run_local(cfg: Config, home: Path, tracking_uri: str | None = None, verbose:
         with warnings.catch_warnings(), contextlib.redirect_stdout(log):
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # our image is kdflow's env
-            task = pipeline(**pipeline_arguments(cfg, uri))
+            pipeline(**pipeline_arguments(cfg, uri))
     except RuntimeError as err:
         tail = log.tail()
         errors = [m.group(1) for m in EXCEPTION_LINE.finditer(tail)]
@@ -92,5 +94,7 @@ def run_local(cfg: Config, home: Path, tracking_uri: str | None = None, verbose:
     finally:
         builtins.print = original_print
         log.file.close()
-    decision = task.outputs["Output"]
-    return json.loads(Path(decision.path).read_text())
+    # the decision lives inside the exit handler's scope, which KFP cannot return as a pipeline output:
+    # read it from this run's folder under the local pipeline root
+    (run_dir,) = set(root.iterdir()) - before
+    return json.loads((run_dir / "register" / "decision").read_text())

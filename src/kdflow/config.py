@@ -239,7 +239,8 @@ class ClusterConfig(_Section):
 
     KFP fixes these in the compiled spec, so they apply at `kdflow compile` / `kdflow submit` time."""
 
-    gpus: int = Field(1, ge=0, le=16)
+    gpus: int = Field(1, ge=0, le=16)  # per training step: teacher, distill, evaluate
+    teacher_gpus: int | None = Field(None, ge=0, le=16)  # the teacher step's own count (DDP); None = `gpus`
     accelerator: str = "nvidia.com/gpu"
     teacher_processes: int | None = Field(None, ge=1, le=64)  # torchrun workers; None = one per visible GPU
     # GPU steps only, e.g. {"nvidia.com/gpu.present": "true"}

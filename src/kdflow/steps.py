@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdflow import checkpoint, data, evaluate, losses, models, registry, tracking
+from kdflow import checkpoint, data, distributed, evaluate, losses, models, registry, tracking
 from kdflow.config import Config, config_from_json
 from kdflow.train import Split, accuracy, fit, predict, resolve_device, seed_everything
 
@@ -110,10 +110,18 @@ def profile(model: nn.Module, normalizer: data.Normalizer, data_dir: str, cfg: C
 # -------------------------------------------------------------------------------------------- 1. data prep
 
 
-def prepare_data(ctx: StepContext, out_dir: str) -> dict:
-    """Build source and target tasks, split them deterministically, write tensors and the manifest."""
+def prepare_data(cfg: Config, out_dir: str) -> dict:
+    """Build source and target tasks, split them deterministically, write tensors and the manifest.
+
+    Talks to no store: the output depends on the config alone, so KFP may serve it from its cache."""
+    return data.prepare(cfg.data, cfg.seed, out_dir)
+
+
+def record_data(ctx: StepContext, data_dir: str) -> None:
+    """Log the data a pipeline run trains on as its `data-prep` child run. The first step after data prep
+    calls this, so the record is the same whether the data was just built or came from KFP's cache."""
+    manifest = data.read_manifest(data_dir)
     with ctx.child("data-prep", "data"):
-        manifest = data.prepare(ctx.cfg.data, ctx.cfg.seed, out_dir)
         tracking.log_params({f"data.{k}": v for k, v in ctx.cfg.data.model_dump().items()})
         tracking.log_metrics(
             {f"{t}_{s}_count": n for t in data.TASKS for s, n in manifest["tasks"][t]["counts"].items()}
@@ -121,18 +129,41 @@ def prepare_data(ctx: StepContext, out_dir: str) -> dict:
         tracking.log_dict(manifest, "manifest.json")
         tracking.log_dict(ctx.cfg.model_dump(mode="json"), "config.json")
         tracking.set_tags({"kdflow.data_hash": manifest["content_hash"]})
-    return manifest
 
 
 # --------------------------------------------------------------------------------------- 2. teacher training
 
 
 def train_teacher(ctx: StepContext, data_dir: str, out_dir: str) -> dict:
-    """Pretrain on the source task, swap in a new head, fine-tune on the target task (transfer learning)."""
+    """Pretrain on the source task, swap in a new head, fine-tune on the target task (transfer learning).
+
+    With several GPUs (or `cluster.teacher_processes` > 1) this process opens the MLflow run and launches one
+    torchrun worker per process (`kdflow.distributed`), which train in DDP; rank 0 logs into the run and writes
+    the files, and the metrics are read back from them."""
+    nproc = distributed.teacher_processes(ctx.cfg)
+    tags = {"kdflow.arch": ctx.cfg.teacher.arch}
+    if nproc > 1:
+        with ctx.child("teacher", "teacher", {**tags, "kdflow.teacher_processes": str(nproc)}) as run:
+            distributed.launch_teacher(ctx, data_dir, out_dir, run.info.run_id, nproc)
+        return read_info(out_dir)["metrics"]
+    return _train_teacher(ctx, data_dir, out_dir, resolve_device(ctx.cfg.device), ctx.child("teacher", "teacher", tags))
+
+
+def train_teacher_rank(ctx: StepContext, data_dir: str, out_dir: str, run_id: str, device: torch.device) -> dict:
+    """One torchrun worker's part of `train_teacher`: every rank trains, rank 0 alone logs into the step's
+    MLflow run `run_id` and writes the checkpoint. Returns the metrics on rank 0, {} elsewhere."""
+    scope = tracking.reopen(run_id) if distributed.is_main() else contextlib.nullcontext()
+    return _train_teacher(ctx, data_dir, out_dir, device, scope)
+
+
+def _train_teacher(
+    ctx: StepContext, data_dir: str, out_dir: str, device: torch.device, scope: contextlib.AbstractContextManager
+) -> dict:
+    """The teacher step's work inside `scope`, the MLflow run it logs into (none on ranks other than 0)."""
     cfg, tcfg = ctx.cfg, ctx.cfg.teacher
+    main = distributed.is_main()
     manifest = data.read_manifest(data_dir)
     norm = data.Normalizer.from_manifest(manifest)
-    device = resolve_device(cfg.device)
     src, tgt = _splits(data_dir, "source"), _splits(data_dir, "target")
     in_ch = manifest["tasks"]["source"]["shape"][0]
     seed_everything(cfg.seed)
@@ -143,15 +174,16 @@ def train_teacher(ctx: StepContext, data_dir: str, out_dir: str) -> dict:
     if tcfg.pretrained and "weights" not in kwargs:
         _load_compatible(net, tcfg.pretrained)
 
-    with ctx.child("teacher", "teacher", {"kdflow.arch": tcfg.arch}) as run:
-        tracking.log_params(
-            {
-                "arch": tcfg.arch,
-                "arch_kwargs": json.dumps(tcfg.arch_kwargs),
-                **{f"pretrain.{k}": v for k, v in tcfg.pretrain.model_dump().items()},
-                **{f"finetune.{k}": v for k, v in tcfg.finetune.model_dump().items()},
-            }
-        )
+    with scope as run:
+        if main:
+            tracking.log_params(
+                {
+                    "arch": tcfg.arch,
+                    "arch_kwargs": json.dumps(tcfg.arch_kwargs),
+                    **{f"pretrain.{k}": v for k, v in tcfg.pretrain.model_dump().items()},
+                    **{f"finetune.{k}": v for k, v in tcfg.finetune.model_dump().items()},
+                }
+            )
         pre = fit(
             net,
             src["train"],
@@ -162,7 +194,7 @@ def train_teacher(ctx: StepContext, data_dir: str, out_dir: str) -> dict:
             device=device,
             on_epoch=tracking.epoch_logger("teacher pretrain", tcfg.pretrain.epochs, "pretrain_"),
         )
-        source_test = accuracy(predict(net, src["test"].x, norm), src["test"].y)
+        source_test = accuracy(predict(net, src["test"].x, norm), src["test"].y) if main else None
         models.replace_head(net, manifest["tasks"]["target"]["num_classes"], tcfg.arch)
         fine = fit(
             net,
@@ -174,6 +206,8 @@ def train_teacher(ctx: StepContext, data_dir: str, out_dir: str) -> dict:
             device=device,
             on_epoch=tracking.epoch_logger("teacher finetune", tcfg.finetune.epochs, "finetune_"),
         )
+        if not main:  # every rank holds the same weights; rank 0 evaluates, logs and writes them
+            return {}
         spec = checkpoint.make_spec(tcfg.arch, in_ch, manifest["tasks"]["target"]["num_classes"], tcfg.arch_kwargs)
         checkpoint.save(net, spec, out_dir)
         metrics = {
@@ -193,6 +227,7 @@ def train_teacher(ctx: StepContext, data_dir: str, out_dir: str) -> dict:
                 "metrics": metrics,
                 "finetune_best_epoch": fine.best_epoch,
                 "data_hash": manifest["content_hash"],
+                "processes": distributed.world_size(),
             },
         )
     return metrics
@@ -438,7 +473,15 @@ def register(
         tracking.set_tags({"kdflow.promoted": str(decision.promoted), "kdflow.selected": str(decision.selected)})
         tracking.log_metrics({"promoted": float(decision.promoted)})
         summary["register_run_id"] = run.info.run_id
-    tracking.end_run(ctx.parent_id)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps(summary, indent=1))
     return summary
+
+
+# ------------------------------------------------------------------------------------------- exit handler
+
+
+def finalize(ctx: StepContext, succeeded: bool, detail: str = "") -> list[str]:
+    """Close the pipeline's MLflow run with the pipeline's outcome; runs whether the steps succeeded or not
+    (KFP exit handler), so a killed pod cannot leave runs RUNNING. Returns the child runs it marked FAILED."""
+    return tracking.close_pipeline_run(ctx.experiment_id, ctx.parent_id, succeeded, detail)

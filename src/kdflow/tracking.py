@@ -3,7 +3,8 @@
 Pipeline steps are separate processes (separate pods on a cluster), so nothing here relies on process-global
 state from another step: the experiment is looked up by name and created race-safely, and the pipeline's
 parent run is found by a tag holding the pipeline job id, created by whichever step gets there first (the
-data-prep step, which runs alone). Child runs name their parent explicitly.
+teacher step, which runs alone after the store-free data prep, or the exit handler when data prep failed).
+Child runs name their parent explicitly.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
 
 
 def parent_run_id(experiment_id: str, pipeline_run_id: str, run_name: str, params: dict[str, str]) -> str:
-    """The pipeline's parent run (found by tag, created if missing), left RUNNING until registration ends it."""
+    """The pipeline's parent run (found by tag, created if missing), left RUNNING until the exit handler ends it."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -95,6 +96,26 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     import mlflow
 
     mlflow.MlflowClient().set_terminated(run_id, status=status)
+
+
+def close_pipeline_run(experiment_id: str, parent_id: str, succeeded: bool, detail: str = "") -> list[str]:
+    """End the parent run with the pipeline's real outcome. A step whose pod was killed (OOM, eviction) never
+    got to end its own run: on failure, children still RUNNING are marked FAILED. Returns their names."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    stale = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'",
+    )
+    if not succeeded:
+        for run in stale:
+            client.set_terminated(run.info.run_id, status="FAILED")
+    client.set_tag(parent_id, "kdflow.outcome", "succeeded" if succeeded else "failed")
+    if detail:
+        client.set_tag(parent_id, "kdflow.outcome_detail", detail[:5000])
+    client.set_terminated(parent_id, status="FINISHED" if succeeded else "FAILED")
+    return [run.info.run_name for run in stale] if not succeeded else []
 
 
 @contextlib.contextmanager
