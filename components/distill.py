@@ -10,15 +10,19 @@ def distill(
     teacher: Input[Model],
     pruned: Input[Model],
     student: Output[Model],
-    candidate: str,
+    candidates: str,
     config_json: str,
     tracking_uri: str,
     pipeline_run_id: str,
     pipeline_run_name: str,
 ):
-    """Step 4: train one candidate (student × loss) with the teacher's soft targets."""
+    """Step 4: train candidates (student × loss, comma-separated names) side by side with the teacher's soft
+    targets, sharing each batch's teacher outputs."""
     from kdflow import steps
 
     ctx = steps.StepContext.open(config_json, tracking_uri, pipeline_run_id, pipeline_run_name)
-    result = steps.distill(ctx, candidate, data.path, teacher.path, pruned.path, student.path)
-    student.metadata.update({"candidate": candidate, **result})
+    names = [n.strip() for n in candidates.split(",") if n.strip()]
+    results = steps.distill(ctx, names, data.path, teacher.path, pruned.path, student.path)
+    student.metadata.update(
+        {"candidates": names, **{f"{n}.best_val_top1": r["best_val_top1"] for n, r in results.items()}}
+    )

@@ -17,12 +17,15 @@ def evaluate(
     pipeline_run_id: str,
     pipeline_run_name: str,
 ):
-    """Step 5: accuracy, calibration, teacher agreement, size, FLOPs and CPU latency of one candidate."""
+    """Step 5: accuracy, calibration, teacher agreement, size, FLOPs and CPU latency of each candidate."""
     from kdflow import steps
 
     ctx = steps.StepContext.open(config_json, tracking_uri, pipeline_run_id, pipeline_run_name)
-    result = steps.evaluate_candidate(ctx, data.path, teacher.path, student.path, report.path)
-    for key, value in result["metrics"].items():
-        metrics.log_metric(key, value)
-    confusion.log_confusion_matrix(result["classes"], result["confusion_matrix"])
-    report.metadata["candidate"] = result["name"]
+    reports = steps.evaluate_candidates(ctx, data.path, teacher.path, student.path, report.path)
+    for r in reports:
+        for key, value in r["metrics"].items():
+            metrics.log_metric(f"{r['name']}.{key}" if len(reports) > 1 else key, value)
+    best = max(reports, key=lambda r: r["metrics"]["val_top1"])  # KFP shows one matrix per artifact
+    confusion.log_confusion_matrix(best["classes"], best["confusion_matrix"])
+    confusion.metadata["candidate"] = best["name"]
+    report.metadata["candidates"] = [r["name"] for r in reports]

@@ -13,7 +13,7 @@ from kdflow.pipelines.kdflow_pipeline import build_pipeline
 def pipeline_arguments(cfg: Config, tracking_uri: str = "") -> dict:
     return {
         "config_json": cfg.to_json(),
-        "candidates": [c["name"] for c in cfg.candidates()],
+        "candidates": cfg.candidate_groups(),  # one distill step per item: "name" or "name1,name2,..."
         "tracking_uri": tracking_uri,
     }
 

@@ -92,13 +92,13 @@ def build_pipeline(cluster: "ClusterConfig | None" = None):
                 prune(data=data.outputs["data"], teacher=teacher.outputs["teacher"], **run).set_display_name("prune"),
                 training=False,
             )
-            with dsl.ParallelFor(candidates) as name:
+            with dsl.ParallelFor(candidates) as group:  # items: candidate names, comma-joined when trained together
                 student = place(
                     distill(
                         data=data.outputs["data"],
                         teacher=teacher.outputs["teacher"],
                         pruned=pruned.outputs["pruned"],
-                        candidate=name,
+                        candidates=group,
                         **run,
                     ).set_display_name("distill"),
                     training=True,

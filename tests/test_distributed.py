@@ -275,9 +275,14 @@ def test_teacher_step_trains_in_two_torchrun_workers(tmp_path):
 
     info = steps.read_info(out_dir)
     assert info["processes"] == 2 and info["metrics"] == metrics
-    assert sorted(p.name for p in out_dir.iterdir()) == ["info.json", "model.pt", "spec.json"]
+    files = sorted(p.name for p in out_dir.iterdir())
+    assert files == ["info.json", "model.pt", "spec.json", steps.TEACHER_OUTPUTS_FILE]
     net, _ = checkpoint.load(out_dir)
     norm = Normalizer.from_manifest(data.read_manifest(data_dir))
+    # the logits every distill step reuses belong to exactly the saved teacher and data
+    cached = steps.load_teacher_outputs(net, data.read_manifest(data_dir), str(out_dir))
+    x_train, _ = data.load_split(data_dir, "target", "train")
+    torch.testing.assert_close(cached.target, predict(net, x_train, norm), rtol=1e-5, atol=1e-5)
     val = Split(*data.load_split(data_dir, "target", "val"))
     assert accuracy(predict(net, val.x, norm), val.y) == metrics["val_top1"]
 

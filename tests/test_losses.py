@@ -20,6 +20,12 @@ TRANSFER = [[0.1, -0.4, 1.3], [2.0, 0.0, -0.5]]
 TEACHER_T = [[0.9, -1.2, 0.4], [1.0, 1.0, -2.0]]
 
 
+def _objective(*args):
+    """losses.objective with its logged parts as floats."""
+    loss, parts = losses.objective(*args)
+    return loss, {k: float(v) for k, v in parts.items()}
+
+
 def _t(rows: list[list[float]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
@@ -191,8 +197,8 @@ def _inputs():
 def test_objective_ce_ignores_teacher():
     logits, labels, transfer, teacher, *_ = _inputs()
     cfg = LossConfig(name="ce", kind="ce")
-    loss_a, parts_a = losses.objective(cfg, logits, labels)
-    loss_b, parts_b = losses.objective(cfg, logits, labels, transfer, teacher)
+    loss_a, parts_a = _objective(cfg, logits, labels)
+    loss_b, parts_b = _objective(cfg, logits, labels, transfer, teacher)
     expected = _hand_ce(STUDENT, LABELS)
     assert float(loss_a) == pytest.approx(expected, rel=1e-5)
     assert torch.equal(loss_a, loss_b)
@@ -203,7 +209,7 @@ def test_objective_ce_ignores_teacher():
 def test_objective_kd_alpha0_is_plain_cross_entropy_exactly():
     logits, labels, transfer, teacher, *_ = _inputs()
     cfg = LossConfig(name="kd", kind="kd", alpha=0.0, temperature=4.0)
-    loss, parts = losses.objective(cfg, logits, labels, transfer, teacher)
+    loss, parts = _objective(cfg, logits, labels, transfer, teacher)
     assert torch.equal(loss, losses.cross_entropy(logits, labels))
     assert float(loss) == pytest.approx(_hand_ce(STUDENT, LABELS), rel=1e-5)
     assert set(parts) == {"ce", "kd"}
@@ -213,7 +219,7 @@ def test_objective_kd_alpha0_is_plain_cross_entropy_exactly():
 def test_objective_kd_alpha1_is_kd_only():
     logits, labels, transfer, teacher, *_ = _inputs()
     cfg = LossConfig(name="kd", kind="kd", alpha=1.0, temperature=4.0)
-    loss, parts = losses.objective(cfg, logits, labels, transfer, teacher)
+    loss, parts = _objective(cfg, logits, labels, transfer, teacher)
     assert torch.equal(loss, losses.kd_kl(transfer, teacher, 4.0))
     assert float(loss) == pytest.approx(16.0 * _hand_kl(TRANSFER, TEACHER_T, 4.0), rel=1e-5)
     assert parts["kd"] == pytest.approx(float(loss), rel=1e-12)
@@ -224,20 +230,22 @@ def test_objective_kd_mixes_by_alpha_and_uses_transfer_logits():
     logits, labels, transfer, teacher, *_ = _inputs()
     alpha, t = 0.7, 2.0
     cfg = LossConfig(name="kd", kind="kd", alpha=alpha, temperature=t)
-    loss, parts = losses.objective(cfg, logits, labels, transfer, teacher)
+    loss, parts = _objective(cfg, logits, labels, transfer, teacher)
     ce = _hand_ce(STUDENT, LABELS)
     kd = t * t * _hand_kl(TRANSFER, TEACHER_T, t)
     assert float(loss) == pytest.approx((1 - alpha) * ce + alpha * kd, rel=1e-5)
     assert parts["ce"] == pytest.approx(ce, rel=1e-5)
     assert parts["kd"] == pytest.approx(kd, rel=1e-5)
     assert all(isinstance(v, float) for v in parts.values())
+    _, raw = losses.objective(cfg, logits, labels, transfer, teacher)
+    assert all(v.dim() == 0 and not v.requires_grad for v in raw.values())  # detached: no sync per step
 
 
 def test_objective_logit_mse_by_hand():
     logits, labels, transfer, teacher, *_ = _inputs()
     lam = 0.25
     cfg = LossConfig(name="mse", kind="logit_mse", lam=lam)
-    loss, parts = losses.objective(cfg, logits, labels, transfer, teacher)
+    loss, parts = _objective(cfg, logits, labels, transfer, teacher)
     ce = _hand_ce(STUDENT, LABELS)
     # (0.8² + 0.8² + 0.9²) and (1² + 1² + 1.5²) → (2.09 + 4.25) / 2 = 3.17
     mse = (0.8**2 + 0.8**2 + 0.9**2 + 1.0**2 + 1.0**2 + 1.5**2) / 2
@@ -250,7 +258,7 @@ def test_objective_hint_adds_beta_times_hint():
     logits, labels, transfer, teacher, feats_s, feats_t = _inputs()
     alpha, t, beta = 0.5, 4.0, 3.0
     cfg = LossConfig(name="hint", kind="hint", alpha=alpha, temperature=t, beta=beta)
-    loss, parts = losses.objective(cfg, logits, labels, transfer, teacher, feats_s, feats_t)
+    loss, parts = _objective(cfg, logits, labels, transfer, teacher, feats_s, feats_t)
     ce = _hand_ce(STUDENT, LABELS)
     kd = t * t * _hand_kl(TRANSFER, TEACHER_T, t)
     hint = sum((i / 10.0 - 1.0) ** 2 for i in range(16)) / 16
@@ -260,8 +268,8 @@ def test_objective_hint_adds_beta_times_hint():
     # beta = 0 → exactly the kd objective with the same alpha / T
     kd_cfg = LossConfig(name="kd", kind="kd", alpha=alpha, temperature=t)
     hint0 = LossConfig(name="hint", kind="hint", alpha=alpha, temperature=t, beta=0.0)
-    a, _ = losses.objective(hint0, logits, labels, transfer, teacher, feats_s, feats_t)
-    b, _ = losses.objective(kd_cfg, logits, labels, transfer, teacher)
+    a, _ = _objective(hint0, logits, labels, transfer, teacher, feats_s, feats_t)
+    b, _ = _objective(kd_cfg, logits, labels, transfer, teacher)
     assert float(a) == pytest.approx(float(b), rel=1e-12)
 
 
@@ -279,7 +287,7 @@ def test_objective_gradients_reach_student_only(kind):
     s_logits = student(x)
     s_feats = adapter(s_logits[:, :2, None, None].expand(5, 2, 4, 4), (2, 2))
     cfg = LossConfig(name="x", kind=kind, alpha=0.5)
-    loss, _ = losses.objective(cfg, s_logits, y, s_logits, t_logits.detach(), s_feats, t_feats)
+    loss, _ = _objective(cfg, s_logits, y, s_logits, t_logits.detach(), s_feats, t_feats)
     assert loss.requires_grad
     loss.backward()
     assert student.weight.grad is not None and student.weight.grad.abs().sum() > 0

@@ -71,6 +71,8 @@ def test_pipeline_steps_log_to_server_with_postgres_backend_and_s3_artifacts(sta
     config_json = cfg.to_json()
     pipeline_run_id = f"server-test-{uuid.uuid4().hex[:8]}"
     names = [c["name"] for c in cfg.candidates()]
+    groups = cfg.candidate_groups()  # the steps' work: here one step trains both candidates
+    assert groups == [",".join(names)]
 
     def ctx() -> steps.StepContext:
         """Every step opens its own context, as each pod does."""
@@ -82,11 +84,11 @@ def test_pipeline_steps_log_to_server_with_postgres_backend_and_s3_artifacts(sta
     steps.record_data(first, data)
     steps.train_teacher(first, data, teacher)
     steps.prune_teacher(ctx(), data, teacher, pruned)
-    students = [str(tmp_path / "students" / n) for n in names]
-    reports = [str(tmp_path / "reports" / f"{n}.json") for n in names]
-    for name, student, report in zip(names, students, reports):
-        steps.distill(ctx(), name, data, teacher, pruned, student)
-        steps.evaluate_candidate(ctx(), data, teacher, student, report)
+    students = [str(tmp_path / "students" / str(i)) for i in range(len(groups))]
+    reports = [str(tmp_path / "reports" / f"{i}.json") for i in range(len(groups))]
+    for group, student, report in zip(groups, students, reports):
+        steps.distill(ctx(), group.split(","), data, teacher, pruned, student)
+        steps.evaluate_candidates(ctx(), data, teacher, student, report)
     summary = steps.register(ctx(), data, teacher, students, reports, str(tmp_path / "decision.json"))
     assert steps.finalize(ctx(), succeeded=True) == []  # the exit handler: nothing was left RUNNING
     decision = summary["decision"]

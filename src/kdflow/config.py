@@ -82,6 +82,7 @@ class TrainConfig(_Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0, lt=1.0)
     augment: Literal["none", "crop", "crop_flip"] = "none"
+    compile: bool = False  # torch.compile the trained model: pays off on GPUs for long runs, costs start-up time
 
 
 class TeacherConfig(_Section):
@@ -158,6 +159,9 @@ class DistillConfig(_Section):
         ]
     )
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=30, lr=0.05))
+    # candidates trained together in one step (one process, one data stream, one teacher pass per batch);
+    # 1 = a pod per candidate. 3 fills the local runner's two parallel slots with the default six candidates.
+    candidates_per_step: int = Field(3, ge=1, le=256)
 
     @model_validator(mode="after")
     def _unique_names(self) -> DistillConfig:
@@ -295,6 +299,18 @@ class Config(_Section):
             for s in self.distill.students
             for l in self.distill.losses
         ]
+
+    def candidate_groups(self) -> list[str]:
+        """The distill steps' work: candidate names joined by "," in groups of `distill.candidates_per_step`,
+        those whose transfer sets use source images grouped apart (one data stream per step)."""
+        from kdflow.losses import uses_source_data
+
+        k = self.distill.candidates_per_step
+        groups: list[list[str]] = []
+        for stream in (False, True):
+            names = [c["name"] for c in self.candidates() if uses_source_data(LossConfig(**c["loss"])) == stream]
+            groups += [names[i : i + k] for i in range(0, len(names), k)]
+        return [",".join(g) for g in groups]
 
     def with_local_paths(self, base: Path) -> Config:
         """A copy whose local data paths are absolute, so steps running in other folders find the data."""

@@ -74,8 +74,8 @@ def objective(
     teacher_logits: torch.Tensor | None = None,
     adapted_features: torch.Tensor | None = None,
     teacher_features: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """One training objective from a LossConfig: returns (loss, its named parts for logging).
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training objective from a LossConfig: returns (loss, its named parts, detached, for logging).
 
     - ce:        L_CE
     - kd:        (1 − α)·L_CE + α·T²·KL           (α = 0 → plain cross-entropy)
@@ -102,7 +102,7 @@ def objective(
         parts["logit_mse"] = mse
     else:  # pragma: no cover - LossConfig.kind is a closed Literal
         raise ValueError(f"unknown loss kind {cfg.kind!r}")
-    return loss, {k: float(v.detach()) for k, v in parts.items()}
+    return loss, {k: v.detach() for k, v in parts.items()}  # tensors: summing them needs no device sync
 
 
 def needs_teacher(cfg: LossConfig) -> bool:

@@ -18,9 +18,23 @@ from torch import nn
 
 from kdflow import checkpoint, data, distributed, evaluate, losses, models, registry, tracking
 from kdflow.config import Config, config_from_json
-from kdflow.train import Split, accuracy, fit, predict, resolve_device, seed_everything
+from kdflow.train import (
+    Split,
+    Student,
+    TeacherOutputs,
+    accuracy,
+    compute_teacher_outputs,
+    fit,
+    fit_many,
+    predict,
+    resolve_device,
+    seed_everything,
+    teacher_outputs_key,
+)
 
 INFO_FILE = "info.json"
+GROUP_FILE = "candidates.json"  # a distill step's output: the names of its candidates, each in a subfolder
+TEACHER_OUTPUTS_FILE = "teacher_outputs.pt"
 PARALLEL_THREADS_ENV = "KDFLOW_PARALLEL_THREADS"  # set by the local runner: CPU threads per ParallelFor step
 
 
@@ -219,6 +233,7 @@ def _train_teacher(
         }
         tracking.log_metrics(metrics)
         model_uri = _log_servable(net, norm, data_dir)
+        save_teacher_outputs(cfg, net, norm, data_dir, manifest, out_dir)
         _write_info(
             out_dir,
             {
@@ -231,6 +246,37 @@ def _train_teacher(
             },
         )
     return metrics
+
+
+def save_teacher_outputs(cfg: Config, net: nn.Module, norm: data.Normalizer, data_dir: str, manifest: dict, out_dir):
+    """The teacher's logits on the distillation transfer sets, computed once here for every distill step and
+    epoch, keyed by the teacher's weights and the data's content hash. Skipped when distillation augments at
+    random (each batch is then new) or no loss uses a teacher."""
+    dcfg = cfg.distill
+    if dcfg.train.augment != "none" or not any(losses.needs_teacher(lc) for lc in dcfg.losses):
+        return
+    with_source = any(losses.uses_source_data(lc) for lc in dcfg.losses)
+    x_target, _ = data.load_split(data_dir, "target", "train")
+    x_source = data.load_split(data_dir, "source", "train")[0] if with_source else None
+    key = teacher_outputs_key(net, manifest["content_hash"])
+    out = compute_teacher_outputs(net, norm, key, x_target, x_source)
+    blob = {"key": key, "target": out.target.cpu()}
+    if out.source is not None:
+        blob["source"] = out.source.cpu()
+    torch.save(blob, Path(out_dir) / TEACHER_OUTPUTS_FILE)
+
+
+def load_teacher_outputs(teacher: nn.Module, manifest: dict, teacher_dir: str) -> TeacherOutputs | None:
+    """The teacher step's cached logits if they belong to exactly this teacher and data, else None (the
+    distill step then runs the teacher itself)."""
+    path = Path(teacher_dir) / TEACHER_OUTPUTS_FILE
+    if not path.is_file():
+        return None
+    blob = torch.load(path, weights_only=True)
+    if blob["key"] != teacher_outputs_key(teacher, manifest["content_hash"]):
+        print(f"{tracking.PROGRESS_PREFIX} ignoring stale {path}: it belongs to another teacher or dataset")
+        return None
+    return TeacherOutputs(blob["key"], blob["target"], blob.get("source"))
 
 
 def _load_compatible(net: nn.Module, path: str) -> None:
@@ -294,115 +340,167 @@ def candidate(cfg: Config, name: str) -> dict:
     raise ValueError(f"unknown candidate {name!r}; the config defines {[c['name'] for c in cfg.candidates()]}")
 
 
-def distill(ctx: StepContext, name: str, data_dir: str, teacher_dir: str, pruned_root: str, out_dir: str) -> dict:
-    """Train one candidate (a student × a loss) on the target task with the teacher's soft targets."""
+def distill(
+    ctx: StepContext, names: list[str], data_dir: str, teacher_dir: str, pruned_root: str, out_dir: str
+) -> dict[str, dict]:
+    """Train candidates (a student × a loss each) on the target task with the teacher's soft targets.
+
+    The candidates of one step train side by side over one data stream (`train.fit_many`): each batch's teacher
+    outputs serve all of them, and without random augmentation they come from `teacher_outputs.pt`, which the
+    teacher step computed once. Each candidate gets its own MLflow run and its own folder `out_dir/<name>`."""
     from kdflow.config import LossConfig, StudentConfig
 
     _share_cores()
     cfg = ctx.cfg
-    cand = candidate(cfg, name)
-    student_cfg, loss_cfg = StudentConfig(**cand["student"]), LossConfig(**cand["loss"])
+    if not names:
+        raise ValueError("distill got no candidates")
+    cands = [candidate(cfg, n) for n in names]
     manifest = data.read_manifest(data_dir)
     norm = data.Normalizer.from_manifest(manifest)
     device = resolve_device(cfg.device)
     teacher, tspec = checkpoint.load(teacher_dir)
-    seed_everything(cfg.seed)
-    if student_cfg.from_pruned is not None:
-        student, spec = checkpoint.load(pruned_dir(pruned_root, student_cfg.from_pruned))
-    else:
-        t = manifest["tasks"]["target"]
-        student = models.build(student_cfg.arch, t["shape"][0], t["num_classes"], **student_cfg.arch_kwargs)
-        spec = checkpoint.make_spec(student_cfg.arch, t["shape"][0], t["num_classes"], student_cfg.arch_kwargs)
-    tgt = _splits(data_dir, "target")
-    source = Split(*data.load_split(data_dir, "source", "train")) if losses.uses_source_data(loss_cfg) else None
     teacher_info = read_info(teacher_dir)
-    lineage = {
-        "kdflow.candidate": name,
-        "kdflow.student": student_cfg.name,
-        "kdflow.student_arch": spec["arch"],
-        "kdflow.prune_ratio": str(student_cfg.from_pruned) if student_cfg.from_pruned is not None else "none",
-        "kdflow.loss": loss_cfg.kind,
-        "kdflow.loss_name": loss_cfg.name,
-        "kdflow.temperature": str(loss_cfg.temperature),
-        "kdflow.alpha": str(loss_cfg.alpha),
-        "kdflow.lambda": str(loss_cfg.lam),
-        "kdflow.transfer": loss_cfg.transfer,
-        "kdflow.teacher_run_id": teacher_info["run_id"],
-        "kdflow.data_hash": manifest["content_hash"],
-        tracking.PIPELINE_RUN_TAG: ctx.pipeline_run_id,
-    }
-    with ctx.child(name, "distill", lineage) as run:
-        tracking.log_params(
-            {
-                **{f"student.{k}": v for k, v in student_cfg.model_dump().items()},
-                **{f"loss.{k}": v for k, v in loss_cfg.model_dump().items()},
-                **{f"train.{k}": v for k, v in cfg.distill.train.model_dump().items()},
+    tgt = _splits(data_dir, "target")
+    loss_cfgs = {c["name"]: LossConfig(**c["loss"]) for c in cands}
+    with_source = any(losses.uses_source_data(lc) for lc in loss_cfgs.values())
+    source = Split(*data.load_split(data_dir, "source", "train")) if with_source else None
+    cached = load_teacher_outputs(teacher, manifest, teacher_dir) if cfg.distill.train.augment == "none" else None
+    (Path(out_dir)).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / GROUP_FILE).write_text(json.dumps(names))
+
+    runs, students, specs = {}, {}, {}
+    try:
+        for c in cands:
+            name, student_cfg, loss_cfg = c["name"], StudentConfig(**c["student"]), loss_cfgs[c["name"]]
+            seed_everything(cfg.seed)
+            if student_cfg.from_pruned is not None:
+                student, spec = checkpoint.load(pruned_dir(pruned_root, student_cfg.from_pruned))
+            else:
+                t = manifest["tasks"]["target"]
+                student = models.build(student_cfg.arch, t["shape"][0], t["num_classes"], **student_cfg.arch_kwargs)
+                spec = checkpoint.make_spec(student_cfg.arch, t["shape"][0], t["num_classes"], student_cfg.arch_kwargs)
+            lineage = {
+                "kdflow.candidate": name,
+                "kdflow.student": student_cfg.name,
+                "kdflow.student_arch": spec["arch"],
+                "kdflow.prune_ratio": str(student_cfg.from_pruned) if student_cfg.from_pruned is not None else "none",
+                "kdflow.loss": loss_cfg.kind,
+                "kdflow.loss_name": loss_cfg.name,
+                "kdflow.temperature": str(loss_cfg.temperature),
+                "kdflow.alpha": str(loss_cfg.alpha),
+                "kdflow.lambda": str(loss_cfg.lam),
+                "kdflow.transfer": loss_cfg.transfer,
+                "kdflow.teacher_run_id": teacher_info["run_id"],
+                "kdflow.data_hash": manifest["content_hash"],
+                "kdflow.trained_with": ",".join(names),
+                tracking.PIPELINE_RUN_TAG: ctx.pipeline_run_id,
             }
-        )
-        result = fit(
-            student,
-            tgt["train"],
-            tgt["val"],
-            cfg.distill.train,
-            norm,
-            seed=cfg.seed,
-            device=device,
-            loss=loss_cfg,
-            teacher=teacher if losses.needs_teacher(loss_cfg) else None,
-            source=source,
-            hint_layers=(models.hint_layer(spec["arch"]), models.hint_layer(tspec["arch"])),
-            on_epoch=tracking.epoch_logger(f"distill {name}", cfg.distill.train.epochs),
-        )
-        checkpoint.save(student, spec, out_dir)
-        tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_top1": result.best_val_acc})
-        model_uri = _log_servable(student, norm, data_dir)
-        _write_info(
-            out_dir,
-            {
-                "name": name,
-                "run_id": run.info.run_id,
-                "model_uri": model_uri,
-                "tags": lineage,
-                "best_epoch": result.best_epoch,
-            },
-        )
-    return {"best_val_top1": result.best_val_acc, "best_epoch": result.best_epoch}
+            runs[name] = tracking.open_child_run(ctx.experiment_id, ctx.parent_id, name, "distill", lineage)
+            with tracking.reopen(runs[name]):
+                tracking.log_params(
+                    {
+                        **{f"student.{k}": v for k, v in student_cfg.model_dump().items()},
+                        **{f"loss.{k}": v for k, v in loss_cfg.model_dump().items()},
+                        **{f"train.{k}": v for k, v in cfg.distill.train.model_dump().items()},
+                    }
+                )
+            specs[name] = (spec, lineage)
+            students[name] = Student(
+                student,
+                loss_cfg,
+                (models.hint_layer(spec["arch"]), models.hint_layer(tspec["arch"])),
+                tracking.epoch_logger(f"distill {name}", cfg.distill.train.epochs, run_id=runs[name]),
+            )
+        # one data stream per kind of transfer set: with and without source images
+        results = {}
+        for stream in (False, True):
+            group = [n for n in names if losses.uses_source_data(loss_cfgs[n]) == stream]
+            if not group:
+                continue
+            fitted = fit_many(
+                [students[n] for n in group],
+                tgt["train"],
+                tgt["val"],
+                cfg.distill.train,
+                norm,
+                seed=cfg.seed,
+                device=device,
+                teacher=teacher if any(losses.needs_teacher(loss_cfgs[n]) for n in group) else None,
+                source=source if stream else None,
+                teacher_outputs=cached,
+            )
+            results.update(zip(group, fitted))
+        for name in names:
+            student, (spec, lineage), result = students[name].model, specs[name], results[name]
+            cdir = Path(out_dir) / name
+            checkpoint.save(student, spec, cdir)
+            with tracking.reopen(runs[name]):
+                tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_top1": result.best_val_acc})
+                model_uri = _log_servable(student, norm, data_dir)
+            _write_info(
+                cdir,
+                {
+                    "name": name,
+                    "run_id": runs[name],
+                    "model_uri": model_uri,
+                    "tags": lineage,
+                    "best_epoch": result.best_epoch,
+                },
+            )
+    except BaseException:
+        for run_id in runs.values():
+            tracking.end_run(run_id, "FAILED")
+        tracking.end_run(ctx.parent_id, "FAILED")
+        raise
+    return {n: {"best_val_top1": results[n].best_val_acc, "best_epoch": results[n].best_epoch} for n in names}
+
+
+def candidate_dirs(student_dir: str | Path) -> list[Path]:
+    """The per-candidate folders of one distill step's output, in the order they were trained."""
+    names = json.loads((Path(student_dir) / GROUP_FILE).read_text())
+    return [Path(student_dir) / n for n in names]
 
 
 # --------------------------------------------------------------------------------------------- 5. evaluation
 
 
-def evaluate_candidate(ctx: StepContext, data_dir: str, teacher_dir: str, student_dir: str, report_path: str) -> dict:
-    """Test-split accuracy, calibration, agreement with the teacher, size and latency of one candidate."""
+def evaluate_candidates(ctx: StepContext, data_dir: str, teacher_dir: str, student_dir: str, report_path: str) -> list:
+    """Test-split accuracy, calibration, agreement with the teacher, size and latency of each candidate that
+    one distill step trained; one report per candidate, all in `report_path`."""
     _share_cores()
     cfg = ctx.cfg
     manifest = data.read_manifest(data_dir)
     norm = data.Normalizer.from_manifest(manifest)
     classes = manifest["tasks"]["target"]["classes"]
-    student, _ = checkpoint.load(student_dir)
     teacher, _ = checkpoint.load(teacher_dir)
-    info, teacher_info = read_info(student_dir), read_info(teacher_dir)
+    teacher_info = read_info(teacher_dir)
     tgt = _splits(data_dir, "target")
-    s_test = predict(student, tgt["test"].x, norm)
-    metrics, cm = evaluate.classification_report(s_test, tgt["test"].y, len(classes), cfg.evaluate.ece_bins)
-    s_val = predict(student, tgt["val"].x, norm)
-    metrics["val_top1"] = accuracy(s_val, tgt["val"].y)
-    if len(classes) > 5:
-        metrics["val_top5"] = evaluate.topk_accuracy(s_val, tgt["val"].y, 5)
-    metrics["val_loss"] = float(torch.nn.functional.cross_entropy(s_val, tgt["val"].y))
-    metrics["teacher_agreement"] = evaluate.agreement(s_test, predict(teacher, tgt["test"].x, norm))
-    metrics.update(profile(student, norm, data_dir, cfg, student_dir))
-    t = teacher_info["metrics"]
-    metrics["compression"] = t["params"] / metrics["params"]
-    metrics["teacher_retention"] = metrics["test_top1"] / t["test_top1"]
-    metrics["speedup_b1"] = t["latency_ms_b1"] / metrics["latency_ms_b1"] if "latency_ms_b1" in t else 0.0
-    with tracking.reopen(info["run_id"]):
-        tracking.log_metrics(metrics)
-        tracking.log_figure(evaluate.confusion_figure(cm, classes, f"{info['name']} (test)"), "confusion_matrix.png")
-    report = {"name": info["name"], "metrics": metrics, "confusion_matrix": cm.tolist(), "classes": classes}
+    t_test = predict(teacher, tgt["test"].x, norm)
+    reports = []
+    for cdir in candidate_dirs(student_dir):
+        student, _ = checkpoint.load(cdir)
+        info = read_info(cdir)
+        s_test = predict(student, tgt["test"].x, norm)
+        metrics, cm = evaluate.classification_report(s_test, tgt["test"].y, len(classes), cfg.evaluate.ece_bins)
+        s_val = predict(student, tgt["val"].x, norm)
+        metrics["val_top1"] = accuracy(s_val, tgt["val"].y)
+        if len(classes) > 5:
+            metrics["val_top5"] = evaluate.topk_accuracy(s_val, tgt["val"].y, 5)
+        metrics["val_loss"] = float(torch.nn.functional.cross_entropy(s_val, tgt["val"].y))
+        metrics["teacher_agreement"] = evaluate.agreement(s_test, t_test)
+        metrics.update(profile(student, norm, data_dir, cfg, cdir))
+        t = teacher_info["metrics"]
+        metrics["compression"] = t["params"] / metrics["params"]
+        metrics["teacher_retention"] = metrics["test_top1"] / t["test_top1"]
+        metrics["speedup_b1"] = t["latency_ms_b1"] / metrics["latency_ms_b1"] if "latency_ms_b1" in t else 0.0
+        with tracking.reopen(info["run_id"]):
+            tracking.log_metrics(metrics)
+            figure = evaluate.confusion_figure(cm, classes, f"{info['name']} (test)")
+            tracking.log_figure(figure, "confusion_matrix.png")
+        reports.append({"name": info["name"], "metrics": metrics, "confusion_matrix": cm.tolist(), "classes": classes})
     Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(report_path).write_text(json.dumps(report, indent=1))
-    return report
+    Path(report_path).write_text(json.dumps(reports, indent=1))
+    return reports
 
 
 # ------------------------------------------------------------------------------------------- 6. registration
@@ -416,12 +514,9 @@ def register(
 
     cfg = ctx.cfg
     manifest = data.read_manifest(data_dir)
-    reports = {}
-    for p in report_paths:
-        r = json.loads(Path(p).read_text())
-        reports[r["name"]] = r
+    reports = {r["name"]: r for p in report_paths for r in json.loads(Path(p).read_text())}
     candidates = []
-    for d in student_dirs:
+    for d in (c for group in student_dirs for c in candidate_dirs(group)):
         info = read_info(d)
         if info["name"] not in reports:
             raise ValueError(f"candidate {info['name']!r} has no evaluation report")

@@ -180,7 +180,8 @@ def run_parameters(spec: dict, overrides: dict[str, str]) -> tuple[dict[str, Any
             raise SubmitError(f"run parameter config_json is not a valid kdflow config: {err}") from None
     if cfg is not None and "candidates" in params:
         known = [c["name"] for c in cfg.candidates()]
-        missing = [c for c in params["candidates"] if c not in known]
+        # items are candidate names, or names joined by "," to train together in one step
+        missing = [n for item in params["candidates"] for n in str(item).split(",") if n.strip() not in known]
         if missing:
             raise SubmitError(
                 f"candidates {', '.join(map(str, missing))} are not in the config; "

@@ -156,12 +156,34 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
-def epoch_logger(label: str, epochs: int, prefix: str = ""):
-    """An `on_epoch` callback for `kdflow.train.fit`: logs each epoch's metrics to MLflow and prints one
-    progress line (the local runner shows lines starting with PROGRESS_PREFIX)."""
+def open_child_run(experiment_id: str, parent_id: str, name: str, step: str, tags: dict[str, str]) -> str:
+    """A RUNNING child run that is not this process's active run: several students training side by side
+    each log into their own (`epoch_logger(run_id=...)`, then `reopen`), and `end_run` closes it."""
+    import mlflow
+
+    run = mlflow.MlflowClient().create_run(
+        experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_id, STEP_TAG: step, **tags}
+    )
+    return run.info.run_id
+
+
+def epoch_logger(label: str, epochs: int, prefix: str = "", run_id: str | None = None):
+    """An `on_epoch` callback for `kdflow.train.fit`: logs each epoch's metrics to MLflow (the active run, or
+    `run_id`) and prints one progress line (the local runner shows lines starting with PROGRESS_PREFIX)."""
 
     def log(epoch: int, metrics: dict[str, float]) -> None:
-        log_metrics({f"{prefix}{k}": v for k, v in metrics.items()}, step=epoch)
+        named = {f"{prefix}{k}": v for k, v in metrics.items()}
+        if run_id is None:
+            log_metrics(named, step=epoch)
+        else:
+            import time
+
+            import mlflow
+
+            now = int(time.time() * 1000)
+            mlflow.MlflowClient().log_batch(
+                run_id, metrics=[mlflow.entities.Metric(k, float(v), now, epoch) for k, v in named.items()]
+            )
         if epoch % max(1, epochs // 5) and epoch != epochs:
             return
         print(

@@ -123,6 +123,122 @@ def _autocast(device: torch.device) -> tuple[contextlib.AbstractContextManager, 
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
+@dataclass
+class Student:
+    """One candidate for `fit_many`: a model, its objective, (hint losses) the student and teacher layers to
+    match, and a per-epoch callback."""
+
+    model: nn.Module
+    loss: LossConfig = field(default_factory=lambda: LossConfig(name="ce", kind="ce"))
+    hint_layers: tuple[str, str] | None = None
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None
+
+
+@dataclass
+class TeacherOutputs:
+    """The frozen teacher's logits for every image of the transfer splits, row i for image i: computed once and
+    reused by every epoch and every candidate instead of a teacher pass per batch. Only valid without random
+    augmentation (the images the teacher saw are the images the students see). `key` ties them to one teacher's
+    weights and one dataset (`teacher_outputs_key`), so stale outputs are refused."""
+
+    key: str
+    target: torch.Tensor  # (N_target_train, K)
+    source: torch.Tensor | None = None  # (N_source_train, K) when a transfer set uses source images
+    features: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer → split → (N, C, H, W)
+
+
+FEATURE_CACHE_BYTES = 1 << 30  # teacher hint features larger than this are recomputed per batch instead
+
+
+def teacher_outputs_key(teacher: nn.Module, data_hash: str) -> str:
+    """sha256 over the teacher's weights and the dataset's content hash."""
+    import hashlib
+
+    h = hashlib.sha256(data_hash.encode())
+    for name, t in teacher.state_dict().items():
+        h.update(name.encode())
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def compute_teacher_outputs(
+    teacher: nn.Module,
+    normalizer: Normalizer,
+    key: str,
+    target: torch.Tensor,
+    source: torch.Tensor | None = None,
+    feature_layers: tuple[str, ...] = (),
+    batch_size: int = 512,
+) -> TeacherOutputs:
+    """Run the frozen teacher once over uint8 images (N, C, H, W) of the target (and source) train split, in
+    eval mode and the training loop's autocast, keeping logits (and the named layers' outputs) on the device."""
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    normalizer = normalizer.to(device)
+    amp, _ = _autocast(device)
+    taps = {layer: _FeatureTap(teacher, layer) for layer in feature_layers}
+    out = TeacherOutputs(key=key, target=torch.empty(0))
+    for split, x in (("target", target), ("source", source)):
+        if x is None:
+            continue
+        logits, feats = [], {layer: [] for layer in taps}
+        for i in range(0, len(x), batch_size):
+            with amp:
+                logits.append(teacher(normalizer(x[i : i + batch_size].to(device))).float())
+            for layer, tap in taps.items():
+                feats[layer].append(tap.value.float())
+        setattr(out, split, torch.cat(logits))
+        for layer in taps:
+            out.features.setdefault(layer, {})[split] = torch.cat(feats[layer])
+    for tap in taps.values():
+        tap.close()
+    return out
+
+
+class _RngSlot:
+    """Each student's own global-RNG stream (dropout and the like), so training K students side by side draws
+    exactly what training each alone would."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def active(self):
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+        try:
+            yield
+        finally:
+            self.cpu = torch.get_rng_state()
+            if self.cuda is not None:
+                self.cuda = torch.cuda.get_rng_state(self.device)
+
+
+@dataclass
+class _Run:
+    """Everything one student carries through `fit_many`."""
+
+    spec: Student
+    net: nn.Module
+    adapter: nn.Module | None
+    net_adapter: nn.Module | None
+    tap: _FeatureTap | None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    rng: _RngSlot
+    sync_bn: list
+    result: FitResult
+    best_key: tuple[float, float]
+    best_state: dict
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 def fit(
     model: nn.Module,
     train: Split,
@@ -137,36 +253,83 @@ def fit(
     source: Split | None = None,
     hint_layers: tuple[str, str] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    teacher_outputs: TeacherOutputs | None = None,
 ) -> FitResult:
     """Train `model` in place and leave it holding its best-validation weights (accuracy, then lower loss).
 
     `loss` defaults to plain cross-entropy. With a teacher, the distillation terms use the transfer set that
     `loss.transfer` names: the target batch itself, a batch of `source` images, or both concatenated.
-    `hint_layers` = (student layer, teacher layer) for feature-hint objectives.
+    `hint_layers` = (student layer, teacher layer) for feature-hint objectives. One student of `fit_many`.
+    """
+    student = Student(model, loss or LossConfig(name="ce", kind="ce"), hint_layers, on_epoch)
+    return fit_many(
+        [student],
+        train,
+        val,
+        cfg,
+        normalizer,
+        seed=seed,
+        device=device,
+        teacher=teacher,
+        source=source,
+        teacher_outputs=teacher_outputs,
+    )[0]
 
-    Under torch.distributed with several processes (`kdflow.distributed`), `model` (and a hint adapter) train in
-    DistributedDataParallel: every rank draws the same global batch of `cfg.batch_size` and trains on
+
+def fit_many(
+    students: list[Student],
+    train: Split,
+    val: Split,
+    cfg: TrainConfig,
+    normalizer: Normalizer,
+    *,
+    seed: int,
+    device: torch.device,
+    teacher: nn.Module | None = None,
+    source: Split | None = None,
+    teacher_outputs: TeacherOutputs | None = None,
+) -> list[FitResult]:
+    """Train several students over one data stream, sharing each batch's teacher pass; every student ends
+    holding its best-validation weights. Each student gets exactly the batches, augmentation, initial RNG state
+    and optimizer it would get from `fit` alone with the same seed, so the results equal training them one by
+    one. The students must agree on whether their transfer set includes source images (one stream).
+
+    Without random augmentation (`cfg.augment == "none"`) the teacher's outputs are computed once, before the
+    first epoch, and looked up per batch (or taken from `teacher_outputs`, computed earlier for this teacher and
+    data); with augmentation every batch is new, so the teacher runs on it.
+
+    Under torch.distributed with several processes (`kdflow.distributed`), each student (and hint adapter)
+    trains in DistributedDataParallel: every rank draws the same global batch of `cfg.batch_size` and trains on
     `batch[rank::world]`, its loss weighted so the averaged gradient is the global batch's, so one optimizer
     step still consumes one global batch. BatchNorm uses SyncBatchNorm on CUDA (torch has no CPU kernel for it;
     on CPU each rank normalises its share and rank 0's running statistics are kept). Rank 0 validates and its
     numbers reach every rank, so all ranks keep the same epoch and end with identical weights; only rank 0 calls
     `on_epoch`. The teacher is never wrapped: it is frozen and each rank runs it forward on its own share.
     """
-    loss = loss or LossConfig(name="ce", kind="ce")
+    if not students:
+        raise ValueError("fit_many needs at least one student")
     if isinstance(teacher, nn.parallel.DistributedDataParallel):
         raise ValueError("the teacher is frozen and only runs forward: pass the bare module, not a DDP wrapper")
-    if needs_teacher(loss) and teacher is None:
-        raise ValueError(f"loss {loss.name!r} ({loss.kind}) needs a teacher")
-    if loss.kind == "hint" and hint_layers is None:
-        raise ValueError(f"loss {loss.name!r} (hint) needs hint_layers=(student layer, teacher layer)")
-    use_source = uses_source_data(loss)
+    for s in students:
+        if needs_teacher(s.loss) and teacher is None and teacher_outputs is None:
+            raise ValueError(f"loss {s.loss.name!r} ({s.loss.kind}) needs a teacher")
+        if s.loss.kind == "hint" and (s.hint_layers is None or teacher is None):
+            raise ValueError(f"loss {s.loss.name!r} (hint) needs a teacher and hint_layers=(student, teacher layer)")
+    streams = {uses_source_data(s.loss) for s in students}
+    if len(streams) > 1:
+        raise ValueError("students trained together must agree on using source data; train the groups apart")
+    use_source = streams.pop()
     if use_source and source is None:
-        raise ValueError(f"loss {loss.name!r} uses transfer={loss.transfer!r} but no source data was given")
+        names = [s.loss.name for s in students]
+        raise ValueError(f"losses {names} use source images in their transfer set but no source data was given")
+    distilling = [s for s in students if needs_teacher(s.loss)]
+    transfers = {s.loss.transfer for s in distilling}
     world, rank = distributed.world_size(), distributed.rank()
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    channels_last = device.type == "cuda" and train.x.dim() == 4  # NHWC convolutions are faster on tensor cores
+
     seed_everything(seed)
-    model.to(device)
     normalizer = normalizer.to(device)
     train, val = train.to(device), val.to(device)
     if use_source:
@@ -175,106 +338,200 @@ def fit(
         teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+        if channels_last:
+            teacher.to(memory_format=torch.channels_last)
+    t_layers = sorted({s.hint_layers[1] for s in distilling if s.loss.kind == "hint"})
+    t_taps = {layer: _FeatureTap(teacher, layer) for layer in t_layers}
 
-    sync_bn = distributed.use_sync_batchnorm(model) if world > 1 and device.type == "cuda" else []
-    taps, adapter = None, None
-    if loss.kind == "hint":
-        s_tap, t_tap = _FeatureTap(model, hint_layers[0]), _FeatureTap(teacher, hint_layers[1])
-        taps = (s_tap, t_tap)
-        with torch.no_grad():  # one probe batch tells the adapter its channel counts
-            probe = normalizer(train.x[:2])
-            model.eval()(probe)
-            teacher(probe)
-        adapter = HintAdapter(s_tap.value.shape[1], t_tap.value.shape[1]).to(device)
+    # teacher outputs once for the whole run, when every epoch shows the students the same images
+    cached = None
+    if distilling and cfg.augment == "none":
+        cached = teacher_outputs
+        if cached is None or (use_source and cached.source is None):
+            cached = compute_teacher_outputs(teacher, normalizer, "", train.x, source.x if use_source else None)
+        cached.target, cached.source = cached.target.to(device), (cached.source.to(device) if use_source else None)
+        for layer in t_layers:
+            if layer in cached.features:
+                continue
+            probe = _probe_features(teacher, normalizer, train.x, layer, t_taps[layer])
+            rows = len(train) + (len(source) if use_source else 0)
+            if probe.element_size() * probe[0].numel() * rows <= FEATURE_CACHE_BYTES:
+                extra = compute_teacher_outputs(
+                    teacher, normalizer, "", train.x, source.x if use_source else None, (layer,)
+                )
+                cached.features[layer] = extra.features[layer]
 
-    net, net_adapter = model, adapter  # what the training step calls: DDP wrappers under torch.distributed
-    if world > 1:
-        net = distributed.wrap(model, device)
-        net_adapter = distributed.wrap(adapter, device) if adapter else None
-    params = list(model.parameters()) + (list(adapter.parameters()) if adapter else [])
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
+    amp, _ = _autocast(device)
+    runs: list[_Run] = []
+    for s in students:
+        seed_everything(seed)  # the state `fit` alone would start this student from
+        model = s.model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        sync_bn = distributed.use_sync_batchnorm(model) if world > 1 and device.type == "cuda" else []
+        tap = adapter = None
+        if s.loss.kind == "hint":
+            tap = _FeatureTap(model, s.hint_layers[0])
+            t_tap = t_taps[s.hint_layers[1]]
+            with torch.no_grad():  # one probe batch tells the adapter its channel counts
+                probe = normalizer(train.x[:2])
+                model.eval()(probe)
+                teacher(probe)
+            adapter = HintAdapter(tap.value.shape[1], t_tap.value.shape[1]).to(device)
+        net, net_adapter = model, adapter  # what the training step calls: DDP wrappers under torch.distributed
+        if world > 1:
+            net = distributed.wrap(model, device)
+            net_adapter = distributed.wrap(adapter, device) if adapter else None
+        params = list(model.parameters()) + (list(adapter.parameters()) if adapter else [])
+        if cfg.optimizer == "sgd":
+            opt = torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
+            )
+        else:
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+        init_acc, init_loss = _validate(model, val, normalizer, world)
+        runs.append(
+            _Run(
+                spec=s,
+                net=torch.compile(net) if cfg.compile else net,
+                adapter=adapter,
+                net_adapter=net_adapter,
+                tap=tap,
+                opt=opt,
+                sched=sched,
+                scaler=_autocast(device)[1],
+                rng=_RngSlot(device),
+                sync_bn=sync_bn,
+                result=FitResult(best_epoch=0, best_val_acc=init_acc),
+                best_key=(init_acc, -init_loss),
+                best_state=copy.deepcopy(model.state_dict()),
+            )
         )
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
-    amp, scaler = _autocast(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
 
-    init_acc, init_loss = _validate(model, val, normalizer, world)
-    best = FitResult(best_epoch=0, best_val_acc=init_acc)
-    best_key = (init_acc, -init_loss)
-    best_state = copy.deepcopy(model.state_dict())
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    gen = torch.Generator(device=device).manual_seed(seed)
     for epoch in range(1, cfg.epochs + 1):
-        net.train()
+        for r in runs:
+            r.net.train()
+            r.sums = {}
         order = torch.randperm(len(train), generator=gen, device=device)
         src_order = torch.randperm(len(source), generator=gen, device=device) if use_source else None
         if world > 1:  # identical already (same seed); broadcast so no device difference can split the ranks
             distributed.broadcast_(order)
             if use_source:
                 distributed.broadcast_(src_order)
-        sums: dict[str, float] = {}
         for i in range(steps_per_epoch):
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             share, weight = _share(len(idx), rank, world, device)
             # the whole global batch is augmented on every rank, so every rank's generator stays in step
             xb = normalizer(_take(augment(train.x[idx], cfg.augment, gen), share))  # (B, C, H, W)
             yb = _take(train.y[idx], share)
-            with amp:
-                if use_source:
-                    j = (torch.arange(len(idx), device=device) + i * cfg.batch_size) % len(source)
-                    xs = normalizer(_take(augment(source.x[src_order[j]], cfg.augment, gen), share))
-                    xt = xs if loss.transfer == "source" else torch.cat([xb, xs])
-                    out = net(torch.cat([xb, xs]))  # one student pass over labelled + transfer images
-                    logits = out[: len(xb)]
-                    s_transfer = out[len(xb) :] if loss.transfer == "source" else out
-                else:
-                    xt = xb
-                    logits = s_transfer = net(xb)  # (B, K)
-                s_feat = taps[0].value if taps else None
-                t_logits = t_feat = None
-                if teacher is not None and needs_teacher(loss):
-                    with torch.no_grad():
-                        t_logits = teacher(xt)  # (B', K)
-                    t_feat = taps[1].value if taps else None
-                    if taps and s_feat.shape[0] != t_feat.shape[0]:  # student saw labelled + source images
-                        s_feat = s_feat[len(xb) :]
-                adapted = net_adapter(s_feat, t_feat.shape[-2:]) if adapter else None
-                total, parts = objective(loss, logits, yb, s_transfer, t_logits, adapted, t_feat)
-            scaled = total if weight is None else total * weight  # DDP averages: Σ_ranks share/batch · mean
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(scaled).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                scaled.backward()
-                opt.step()
-            sched.step()
-            for k, v in [*parts.items(), ("loss", float(total.detach()))]:  # DDP: this rank's part of the mean
-                sums[k] = sums.get(k, 0.0) + (v if weight is None else v * weight / world)
-
+            xs = src_idx = None
+            if use_source:
+                j = (torch.arange(len(idx), device=device) + i * cfg.batch_size) % len(source)
+                src_idx = _take(src_order[j], share)
+                xs = normalizer(_take(augment(source.x[src_order[j]], cfg.augment, gen), share))
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+                xs = xs.contiguous(memory_format=torch.channels_last) if xs is not None else None
+            # the teacher on the transfer images: looked up when cached, else one forward for all students
+            t_out: dict[str, torch.Tensor | None] = {}
+            t_feat: dict[str, torch.Tensor | None] = {}
+            if distilling:
+                b_idx = _take(idx, share)
+                if cached is not None:
+                    t_out["target"] = cached.target[b_idx]
+                    t_out["source"] = cached.source[src_idx] if use_source else None
+                    for layer in t_layers:
+                        if layer in cached.features:
+                            f = cached.features[layer]
+                            t_feat[layer] = (
+                                torch.cat([f["target"][b_idx], f["source"][src_idx]])
+                                if use_source
+                                else f["target"][b_idx]
+                            )
+                if len(t_out) == 0 or any(layer not in t_feat for layer in t_layers):
+                    with torch.no_grad(), amp:
+                        xt = torch.cat([xb, xs]) if use_source else xb
+                        logits_t = teacher(xt).float()  # (B or 2B, K)
+                    t_out = {"target": logits_t[: len(xb)], "source": logits_t[len(xb) :] if use_source else None}
+                    t_feat = {layer: tap.value for layer, tap in t_taps.items()}
+            for r in runs:
+                with r.rng.active():
+                    _step(r, xb, yb, xs, t_out, t_feat, weight, amp, transfers)
         if world > 1:
-            sums = distributed.all_reduce_sums(sums, device)  # global-batch means, as on one process
-            distributed.broadcast_buffers(model)  # every rank validates and keeps rank 0's statistics
-        metrics = {f"train_{k}": v / steps_per_epoch for k, v in sums.items()}
-        metrics["val_acc"], metrics["val_loss"] = _validate(model, val, normalizer, world)
-        metrics["lr"] = sched.get_last_lr()[0]
-        best.history.append(metrics)
-        key = (metrics["val_acc"], -metrics["val_loss"])  # small val sets saturate: ties go to the lower loss
-        if key > best_key:
-            best_key, best.best_epoch, best.best_val_acc = key, epoch, metrics["val_acc"]
-            best_state = copy.deepcopy(model.state_dict())
-        if on_epoch and rank == 0:
-            on_epoch(epoch, metrics)
-    if taps:
-        for t in taps:
-            t.close()
-    model.load_state_dict(best_state)
-    distributed.restore_batchnorm(sync_bn)
-    return best
+            for r in runs:
+                r.sums = distributed.all_reduce_sums({k: float(v) for k, v in r.sums.items()}, device)
+                distributed.broadcast_buffers(r.spec.model)  # every rank validates and keeps rank 0's statistics
+        for r in runs:
+            metrics = {f"train_{k}": float(v) / steps_per_epoch for k, v in r.sums.items()}
+            metrics["val_acc"], metrics["val_loss"] = _validate(r.spec.model, val, normalizer, world)
+            metrics["lr"] = r.sched.get_last_lr()[0]
+            r.result.history.append(metrics)
+            key = (metrics["val_acc"], -metrics["val_loss"])  # small val sets saturate: ties go to the lower loss
+            if key > r.best_key:
+                r.best_key, r.result.best_epoch, r.result.best_val_acc = key, epoch, metrics["val_acc"]
+                r.best_state = copy.deepcopy(r.spec.model.state_dict())
+            if r.spec.on_epoch and rank == 0:
+                r.spec.on_epoch(epoch, metrics)
+    for tap in [*t_taps.values(), *(r.tap for r in runs if r.tap)]:
+        tap.close()
+    for r in runs:
+        r.spec.model.load_state_dict(r.best_state)
+        if channels_last:
+            r.spec.model.to(memory_format=torch.contiguous_format)
+        distributed.restore_batchnorm(r.sync_bn)
+    return [r.result for r in runs]
+
+
+def _step(r: _Run, xb, yb, xs, t_out: dict, t_feat: dict, weight: float | None, amp, transfers: set) -> None:
+    """One optimizer step of one student on the shared batch: labelled target images `xb`/`yb`, source images
+    `xs` when its transfer set uses them, teacher logits/features on those images in `t_out`/`t_feat`."""
+    loss = r.spec.loss
+    with amp:
+        if xs is not None:
+            out = r.net(torch.cat([xb, xs]))  # one student pass over labelled + transfer images
+            logits = out[: len(xb)]
+            s_transfer = out[len(xb) :] if loss.transfer == "source" else out
+        else:
+            logits = s_transfer = r.net(xb)  # (B, K)
+        t_logits = teacher_feat = adapted = None
+        if needs_teacher(loss):
+            if loss.transfer == "target":
+                t_logits = t_out["target"]
+            elif loss.transfer == "source":
+                t_logits = t_out["source"]
+            else:
+                t_logits = torch.cat([t_out["target"], t_out["source"]])
+            if loss.kind == "hint":
+                s_feat, teacher_feat = r.tap.value, t_feat[r.spec.hint_layers[1]]
+                if loss.transfer == "source":  # student and teacher features on the source images only
+                    s_feat, teacher_feat = s_feat[len(xb) :], teacher_feat[len(xb) :]
+                adapted = r.net_adapter(s_feat, teacher_feat.shape[-2:])
+        total, parts = objective(loss, logits, yb, s_transfer, t_logits, adapted, teacher_feat)
+    scaled = total if weight is None else total * weight  # DDP averages: Σ_ranks share/batch · mean
+    r.opt.zero_grad(set_to_none=True)
+    if r.scaler is not None:
+        r.scaler.scale(scaled).backward()
+        r.scaler.step(r.opt)
+        r.scaler.update()
+    else:
+        scaled.backward()
+        r.opt.step()
+    r.sched.step()
+    world = distributed.world_size()
+    for k, v in [*parts.items(), ("loss", total.detach())]:  # tensors: no device sync per step
+        v = v if weight is None else v * (weight / world)  # DDP: this rank's part of the mean
+        r.sums[k] = r.sums[k] + v if k in r.sums else v
+
+
+def _probe_features(teacher: nn.Module, normalizer: Normalizer, x: torch.Tensor, layer: str, tap) -> torch.Tensor:
+    """The teacher layer's output for one image: tells how large caching that layer would be."""
+    with torch.no_grad():
+        teacher(normalizer(x[:1]))
+    return tap.value
 
 
 def _share(batch: int, rank: int, world: int, device: torch.device) -> tuple[torch.Tensor | None, float | None]:
