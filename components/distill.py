@@ -18,11 +18,14 @@ def distill(
 ):
     """Step 4: train candidates (student × loss, comma-separated names) side by side with the teacher's soft
     targets, sharing each batch's teacher outputs."""
-    from kdflow import steps
+    from kdflow.stepserver import run_step
 
-    ctx = steps.StepContext.open(config_json, tracking_uri, pipeline_run_id, pipeline_run_name)
-    names = [n.strip() for n in candidates.split(",") if n.strip()]
-    results = steps.distill(ctx, names, data.path, teacher.path, pruned.path, student.path)
-    student.metadata.update(
-        {"candidates": names, **{f"{n}.best_val_top1": r["best_val_top1"] for n, r in results.items()}}
+    run = dict(
+        config_json=config_json,
+        tracking_uri=tracking_uri,
+        pipeline_run_id=pipeline_run_id,
+        pipeline_run_name=pipeline_run_name,
     )
+    results = run_step("distill", run, candidates, data.path, teacher.path, pruned.path, student.path)
+    student.metadata["candidates"] = list(results)
+    student.metadata.update({f"{n}.best_val_top1": r["best_val_top1"] for n, r in results.items()})

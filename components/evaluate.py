@@ -18,10 +18,15 @@ def evaluate(
     pipeline_run_name: str,
 ):
     """Step 5: accuracy, calibration, teacher agreement, size, FLOPs and CPU latency of each candidate."""
-    from kdflow import steps
+    from kdflow.stepserver import run_step
 
-    ctx = steps.StepContext.open(config_json, tracking_uri, pipeline_run_id, pipeline_run_name)
-    reports = steps.evaluate_candidates(ctx, data.path, teacher.path, student.path, report.path)
+    run = dict(
+        config_json=config_json,
+        tracking_uri=tracking_uri,
+        pipeline_run_id=pipeline_run_id,
+        pipeline_run_name=pipeline_run_name,
+    )
+    reports = run_step("evaluate", run, data.path, teacher.path, student.path, report.path)
     for r in reports:
         for key, value in r["metrics"].items():
             metrics.log_metric(f"{r['name']}.{key}" if len(reports) > 1 else key, value)

@@ -12,9 +12,13 @@ def finalize(
     pipeline_run_name: str,
 ):
     """Exit handler: end the pipeline's MLflow run as FINISHED or FAILED, even after a killed pod."""
-    from kdflow import steps
+    from kdflow.stepserver import run_step
 
-    ctx = steps.StepContext.open(config_json, tracking_uri, pipeline_run_id, pipeline_run_name)
-    detail = f"{status.state}: {status.error_message}" if status.error_message else status.state
-    stale = steps.finalize(ctx, status.state == "SUCCEEDED", detail)
-    print(f"pipeline {status.state}; MLflow run {ctx.parent_id} closed; runs left RUNNING, now FAILED: {stale}")
+    run = dict(
+        config_json=config_json,
+        tracking_uri=tracking_uri,
+        pipeline_run_id=pipeline_run_id,
+        pipeline_run_name=pipeline_run_name,
+    )
+    stale = run_step("finalize", run, status.state, status.error_message or "")
+    print(f"pipeline {status.state}; its MLflow run is closed; runs left RUNNING, now FAILED: {stale}")

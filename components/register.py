@@ -18,12 +18,16 @@ def register(
     pipeline_run_name: str,
 ):
     """Step 6: register teacher and candidates in MLflow; promote the policy's pick if it beats the champion."""
-    from kdflow import steps
+    from kdflow.stepserver import run_step
 
-    ctx = steps.StepContext.open(config_json, tracking_uri, pipeline_run_id, pipeline_run_name)
-    result = steps.register(
-        ctx, data.path, teacher.path, [s.path for s in students], [r.path for r in reports], decision.path
+    run = dict(
+        config_json=config_json,
+        tracking_uri=tracking_uri,
+        pipeline_run_id=pipeline_run_id,
+        pipeline_run_name=pipeline_run_name,
     )
+    students, reports = [s.path for s in students], [r.path for r in reports]
+    result = run_step("register", run, data.path, teacher.path, students, reports, decision.path)
     summary.log_metric("promoted", float(result["decision"]["promoted"]))
     summary.log_metric("candidates", float(len(result["candidates"])))
     decision.metadata.update({k: v for k, v in result["decision"].items() if k in ("selected", "promoted", "reason")})

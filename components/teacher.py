@@ -15,10 +15,14 @@ def train_teacher(
     pipeline_run_name: str,
 ):
     """Step 2: pretrain on the source task, fine-tune on the target task with a new head."""
-    from kdflow import steps
+    from kdflow.stepserver import run_step
 
-    ctx = steps.StepContext.open(config_json, tracking_uri, pipeline_run_id, pipeline_run_name)
-    steps.record_data(ctx, data.path)  # data prep is store-free (cacheable): the first step after it logs it
-    for key, value in steps.train_teacher(ctx, data.path, teacher.path).items():
+    run = dict(
+        config_json=config_json,
+        tracking_uri=tracking_uri,
+        pipeline_run_id=pipeline_run_id,
+        pipeline_run_name=pipeline_run_name,
+    )
+    for key, value in run_step("teacher", run, data.path, teacher.path).items():
         metrics.log_metric(key, value)
     teacher.metadata["framework"] = "pytorch"

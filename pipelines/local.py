@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 from typing import IO
 
-from kdflow import tracking
+from kdflow import stepserver, tracking
 from kdflow.config import Config
 from kdflow.pipelines.compile import pipeline_arguments
 from kdflow.pipelines.kdflow_pipeline import build_pipeline
-from kdflow.steps import PARALLEL_THREADS_ENV
 from kdflow.tracking import PROGRESS_PREFIX
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -65,16 +64,22 @@ def run_local(cfg: Config, home: Path, tracking_uri: str | None = None, verbose:
     """Run the pipeline locally; return the registration step's summary (decision, teacher, candidates).
 
     The full step logs go to <home>/logs/; the console shows progress only (all of it with `verbose`)."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "logs").mkdir(exist_ok=True)
+    uri = tracking_uri or tracking.embedded_tracking_uri(home)
+    # kfp.local runs up to two loop iterations at once: each gets its share of the cores (steps read this)
+    os.environ.setdefault(stepserver.PARALLEL_THREADS_ENV, str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLELISM)))
+    with stepserver.StepServer(home / "logs" / "step-server.log"):  # warms up while the store is created
+        tracking.ensure_experiment(cfg.experiment, uri)  # creates the SQLite store once, before steps race for it
+        return _run(cfg, home, uri, verbose)
+
+
+def _run(cfg: Config, home: Path, uri: str, verbose: bool) -> dict:
+    """The pipeline itself, once the store exists and the step server (if any) is up."""
     import warnings
 
     from kfp import local
 
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "logs").mkdir(exist_ok=True)
-    uri = tracking_uri or tracking.embedded_tracking_uri(home)
-    tracking.ensure_experiment(cfg.experiment, uri)  # creates the SQLite store once, before steps race for it
-    # kfp.local runs up to two loop iterations at once: each gets its share of the cores (steps read this)
-    os.environ.setdefault(PARALLEL_THREADS_ENV, str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLELISM)))
     root = home / "pipeline-root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     before = set(root.iterdir()) if root.is_dir() else set()

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdflow import checkpoint, data, distributed, evaluate, losses, models, registry, tracking
+from kdflow import checkpoint, data, distributed, evaluate, losses, models, registry, timing, tracking
 from kdflow.config import Config, config_from_json
+from kdflow.stepserver import PARALLEL_THREADS_ENV
 from kdflow.train import (
     Split,
     Student,
@@ -35,7 +36,6 @@ from kdflow.train import (
 INFO_FILE = "info.json"
 GROUP_FILE = "candidates.json"  # a distill step's output: the names of its candidates, each in a subfolder
 TEACHER_OUTPUTS_FILE = "teacher_outputs.pt"
-PARALLEL_THREADS_ENV = "KDFLOW_PARALLEL_THREADS"  # set by the local runner: CPU threads per ParallelFor step
 
 
 def _share_cores() -> None:
@@ -109,6 +109,11 @@ def _log_servable(model: nn.Module, normalizer: data.Normalizer, data_dir: str) 
 
 def profile(model: nn.Module, normalizer: data.Normalizer, data_dir: str, cfg: Config, ckpt_dir: str) -> dict:
     """Size and speed of a model: params, serialized bytes, FLOPs/MACs per image, CPU latency per batch size."""
+    with timing.compute():
+        return _profile(model, normalizer, data_dir, cfg, ckpt_dir)
+
+
+def _profile(model: nn.Module, normalizer: data.Normalizer, data_dir: str, cfg: Config, ckpt_dir: str) -> dict:
     example = _example(normalizer, data_dir).cpu()
     model = model.cpu().eval()
     out = {"params": models.count_params(model), "size_bytes": checkpoint.file_size(ckpt_dir)}
@@ -128,7 +133,8 @@ def prepare_data(cfg: Config, out_dir: str) -> dict:
     """Build source and target tasks, split them deterministically, write tensors and the manifest.
 
     Talks to no store: the output depends on the config alone, so KFP may serve it from its cache."""
-    return data.prepare(cfg.data, cfg.seed, out_dir)
+    with timing.compute():
+        return data.prepare(cfg.data, cfg.seed, out_dir)
 
 
 def record_data(ctx: StepContext, data_dir: str) -> None:
@@ -198,39 +204,41 @@ def _train_teacher(
                     **{f"finetune.{k}": v for k, v in tcfg.finetune.model_dump().items()},
                 }
             )
-        pre = fit(
-            net,
-            src["train"],
-            src["val"],
-            tcfg.pretrain,
-            norm,
-            seed=cfg.seed,
-            device=device,
-            on_epoch=tracking.epoch_logger("teacher pretrain", tcfg.pretrain.epochs, "pretrain_"),
-        )
-        source_test = accuracy(predict(net, src["test"].x, norm), src["test"].y) if main else None
-        models.replace_head(net, manifest["tasks"]["target"]["num_classes"], tcfg.arch)
-        fine = fit(
-            net,
-            tgt["train"],
-            tgt["val"],
-            tcfg.finetune,
-            norm,
-            seed=cfg.seed + 1,
-            device=device,
-            on_epoch=tracking.epoch_logger("teacher finetune", tcfg.finetune.epochs, "finetune_"),
-        )
+        with timing.compute():
+            pre = fit(
+                net,
+                src["train"],
+                src["val"],
+                tcfg.pretrain,
+                norm,
+                seed=cfg.seed,
+                device=device,
+                on_epoch=tracking.epoch_logger("teacher pretrain", tcfg.pretrain.epochs, "pretrain_"),
+            )
+            source_test = accuracy(predict(net, src["test"].x, norm), src["test"].y) if main else None
+            models.replace_head(net, manifest["tasks"]["target"]["num_classes"], tcfg.arch)
+            fine = fit(
+                net,
+                tgt["train"],
+                tgt["val"],
+                tcfg.finetune,
+                norm,
+                seed=cfg.seed + 1,
+                device=device,
+                on_epoch=tracking.epoch_logger("teacher finetune", tcfg.finetune.epochs, "finetune_"),
+            )
         if not main:  # every rank holds the same weights; rank 0 evaluates, logs and writes them
             return {}
         spec = checkpoint.make_spec(tcfg.arch, in_ch, manifest["tasks"]["target"]["num_classes"], tcfg.arch_kwargs)
         checkpoint.save(net, spec, out_dir)
-        metrics = {
-            "pretrain_best_val_top1": pre.best_val_acc,
-            "pretrain_source_test_top1": source_test,
-            "val_top1": accuracy(predict(net, tgt["val"].x, norm), tgt["val"].y),
-            "test_top1": accuracy(predict(net, tgt["test"].x, norm), tgt["test"].y),
-            **profile(net, norm, data_dir, cfg, out_dir),
-        }
+        with timing.compute():
+            metrics = {
+                "pretrain_best_val_top1": pre.best_val_acc,
+                "pretrain_source_test_top1": source_test,
+                "val_top1": accuracy(predict(net, tgt["val"].x, norm), tgt["val"].y),
+                "test_top1": accuracy(predict(net, tgt["test"].x, norm), tgt["test"].y),
+                **profile(net, norm, data_dir, cfg, out_dir),
+            }
         tracking.log_metrics(metrics)
         model_uri = _log_servable(net, norm, data_dir)
         save_teacher_outputs(cfg, net, norm, data_dir, manifest, out_dir)
@@ -258,8 +266,9 @@ def save_teacher_outputs(cfg: Config, net: nn.Module, norm: data.Normalizer, dat
     with_source = any(losses.uses_source_data(lc) for lc in dcfg.losses)
     x_target, _ = data.load_split(data_dir, "target", "train")
     x_source = data.load_split(data_dir, "source", "train")[0] if with_source else None
-    key = teacher_outputs_key(net, manifest["content_hash"])
-    out = compute_teacher_outputs(net, norm, key, x_target, x_source)
+    with timing.compute():
+        key = teacher_outputs_key(net, manifest["content_hash"])
+        out = compute_teacher_outputs(net, norm, key, x_target, x_source)
     blob = {"key": key, "target": out.target.cpu()}
     if out.source is not None:
         blob["source"] = out.source.cpu()
@@ -312,16 +321,25 @@ def prune_teacher(ctx: StepContext, data_dir: str, teacher_dir: str, out_dir: st
         tracking.log_params(pcfg.model_dump())
         for ratio in pcfg.ratios:
             net, spec = checkpoint.load(teacher_dir)
-            rep = pruning.prune(
-                net, norm(x[:8]), ratio, spec["arch"], pcfg.importance, pcfg.global_pruning, pcfg.round_to, calibration
-            )
+            with timing.compute():
+                rep = pruning.prune(
+                    net,
+                    norm(x[:8]),
+                    ratio,
+                    spec["arch"],
+                    pcfg.importance,
+                    pcfg.global_pruning,
+                    pcfg.round_to,
+                    calibration,
+                )
+                pruned_val_top1 = accuracy(predict(net, val.x, norm), val.y)
             d = pruned_dir(out_dir, ratio)
             checkpoint.save(net, spec, d)
             row = {
                 **asdict(rep),
                 "param_reduction": rep.param_reduction,
                 "mac_reduction": rep.mac_reduction,
-                "val_top1_before_finetune": accuracy(predict(net, val.x, norm), val.y),
+                "val_top1_before_finetune": pruned_val_top1,
             }
             tracking.log_metrics({f"ratio_{ratio:g}_{k}": v for k, v in row.items() if k != "importance"})
             reports.append(row)
@@ -417,18 +435,19 @@ def distill(
             group = [n for n in names if losses.uses_source_data(loss_cfgs[n]) == stream]
             if not group:
                 continue
-            fitted = fit_many(
-                [students[n] for n in group],
-                tgt["train"],
-                tgt["val"],
-                cfg.distill.train,
-                norm,
-                seed=cfg.seed,
-                device=device,
-                teacher=teacher if any(losses.needs_teacher(loss_cfgs[n]) for n in group) else None,
-                source=source if stream else None,
-                teacher_outputs=cached,
-            )
+            with timing.compute():
+                fitted = fit_many(
+                    [students[n] for n in group],
+                    tgt["train"],
+                    tgt["val"],
+                    cfg.distill.train,
+                    norm,
+                    seed=cfg.seed,
+                    device=device,
+                    teacher=teacher if any(losses.needs_teacher(loss_cfgs[n]) for n in group) else None,
+                    source=source if stream else None,
+                    teacher_outputs=cached,
+                )
             results.update(zip(group, fitted))
         for name in names:
             student, (spec, lineage), result = students[name].model, specs[name], results[name]
@@ -475,20 +494,22 @@ def evaluate_candidates(ctx: StepContext, data_dir: str, teacher_dir: str, stude
     teacher, _ = checkpoint.load(teacher_dir)
     teacher_info = read_info(teacher_dir)
     tgt = _splits(data_dir, "target")
-    t_test = predict(teacher, tgt["test"].x, norm)
+    with timing.compute():
+        t_test = predict(teacher, tgt["test"].x, norm)
     reports = []
     for cdir in candidate_dirs(student_dir):
         student, _ = checkpoint.load(cdir)
         info = read_info(cdir)
-        s_test = predict(student, tgt["test"].x, norm)
-        metrics, cm = evaluate.classification_report(s_test, tgt["test"].y, len(classes), cfg.evaluate.ece_bins)
-        s_val = predict(student, tgt["val"].x, norm)
-        metrics["val_top1"] = accuracy(s_val, tgt["val"].y)
-        if len(classes) > 5:
-            metrics["val_top5"] = evaluate.topk_accuracy(s_val, tgt["val"].y, 5)
-        metrics["val_loss"] = float(torch.nn.functional.cross_entropy(s_val, tgt["val"].y))
-        metrics["teacher_agreement"] = evaluate.agreement(s_test, t_test)
-        metrics.update(profile(student, norm, data_dir, cfg, cdir))
+        with timing.compute():
+            s_test = predict(student, tgt["test"].x, norm)
+            metrics, cm = evaluate.classification_report(s_test, tgt["test"].y, len(classes), cfg.evaluate.ece_bins)
+            s_val = predict(student, tgt["val"].x, norm)
+            metrics["val_top1"] = accuracy(s_val, tgt["val"].y)
+            if len(classes) > 5:
+                metrics["val_top5"] = evaluate.topk_accuracy(s_val, tgt["val"].y, 5)
+            metrics["val_loss"] = float(torch.nn.functional.cross_entropy(s_val, tgt["val"].y))
+            metrics["teacher_agreement"] = evaluate.agreement(s_test, t_test)
+            metrics.update(profile(student, norm, data_dir, cfg, cdir))
         t = teacher_info["metrics"]
         metrics["compression"] = t["params"] / metrics["params"]
         metrics["teacher_retention"] = metrics["test_top1"] / t["test_top1"]

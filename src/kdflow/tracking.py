@@ -167,23 +167,32 @@ def open_child_run(experiment_id: str, parent_id: str, name: str, step: str, tag
     return run.info.run_id
 
 
-def epoch_logger(label: str, epochs: int, prefix: str = "", run_id: str | None = None):
-    """An `on_epoch` callback for `kdflow.train.fit`: logs each epoch's metrics to MLflow (the active run, or
-    `run_id`) and prints one progress line (the local runner shows lines starting with PROGRESS_PREFIX)."""
+def epoch_logger(label: str, epochs: int, prefix: str = "", run_id: str | None = None, flush_every_s: float = 10.0):
+    """An `on_epoch` callback for `kdflow.train.fit`: prints one progress line (the local runner shows lines
+    starting with PROGRESS_PREFIX) and logs each epoch's metrics to MLflow (the active run, or `run_id`).
+    Metrics are sent in batches, at least every `flush_every_s` seconds and after the last epoch: one store
+    round trip per epoch costs more than a small model's epoch."""
+    import time
+
+    pending: list = []
+    last_flush = [time.monotonic()]
+
+    def flush() -> None:
+        import mlflow
+
+        target = run_id or mlflow.active_run().info.run_id
+        for chunk in _chunks(pending, 1000):
+            mlflow.MlflowClient().log_batch(target, metrics=chunk)
+        pending.clear()
+        last_flush[0] = time.monotonic()
 
     def log(epoch: int, metrics: dict[str, float]) -> None:
-        named = {f"{prefix}{k}": v for k, v in metrics.items()}
-        if run_id is None:
-            log_metrics(named, step=epoch)
-        else:
-            import time
+        import mlflow
 
-            import mlflow
-
-            now = int(time.time() * 1000)
-            mlflow.MlflowClient().log_batch(
-                run_id, metrics=[mlflow.entities.Metric(k, float(v), now, epoch) for k, v in named.items()]
-            )
+        now = int(time.time() * 1000)
+        pending.extend(mlflow.entities.Metric(f"{prefix}{k}", float(v), now, epoch) for k, v in metrics.items())
+        if epoch >= epochs or time.monotonic() - last_flush[0] >= flush_every_s:
+            flush()
         if epoch % max(1, epochs // 5) and epoch != epochs:
             return
         print(
