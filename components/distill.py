@@ -20,12 +20,7 @@ def distill(
     targets, sharing each batch's teacher outputs."""
     from kdflow.stepserver import run_step
 
-    run = dict(
-        config_json=config_json,
-        tracking_uri=tracking_uri,
-        pipeline_run_id=pipeline_run_id,
-        pipeline_run_name=pipeline_run_name,
-    )
+    run = [config_json, tracking_uri, pipeline_run_id, pipeline_run_name]
     results = run_step("distill", run, candidates, data.path, teacher.path, pruned.path, student.path)
     student.metadata["candidates"] = list(results)
     student.metadata.update({f"{n}.best_val_top1": r["best_val_top1"] for n, r in results.items()})

@@ -20,12 +20,7 @@ def evaluate(
     """Step 5: accuracy, calibration, teacher agreement, size, FLOPs and CPU latency of each candidate."""
     from kdflow.stepserver import run_step
 
-    run = dict(
-        config_json=config_json,
-        tracking_uri=tracking_uri,
-        pipeline_run_id=pipeline_run_id,
-        pipeline_run_name=pipeline_run_name,
-    )
+    run = [config_json, tracking_uri, pipeline_run_id, pipeline_run_name]
     reports = run_step("evaluate", run, data.path, teacher.path, student.path, report.path)
     for r in reports:
         for key, value in r["metrics"].items():

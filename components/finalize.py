@@ -14,11 +14,6 @@ def finalize(
     """Exit handler: end the pipeline's MLflow run as FINISHED or FAILED, even after a killed pod."""
     from kdflow.stepserver import run_step
 
-    run = dict(
-        config_json=config_json,
-        tracking_uri=tracking_uri,
-        pipeline_run_id=pipeline_run_id,
-        pipeline_run_name=pipeline_run_name,
-    )
+    run = [config_json, tracking_uri, pipeline_run_id, pipeline_run_name]
     stale = run_step("finalize", run, status.state, status.error_message or "")
     print(f"pipeline {status.state}; its MLflow run is closed; runs left RUNNING, now FAILED: {stale}")

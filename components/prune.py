@@ -18,12 +18,7 @@ def prune(
     """Step 3: structured channel pruning of the teacher, one network per configured ratio."""
     from kdflow.stepserver import run_step
 
-    run = dict(
-        config_json=config_json,
-        tracking_uri=tracking_uri,
-        pipeline_run_id=pipeline_run_id,
-        pipeline_run_name=pipeline_run_name,
-    )
+    run = [config_json, tracking_uri, pipeline_run_id, pipeline_run_name]
     for row in run_step("prune", run, data.path, teacher.path, pruned.path):
         metrics.log_metric(f"ratio_{row['ratio']:g}_params_after", row["params_after"])
         metrics.log_metric(f"ratio_{row['ratio']:g}_macs_after", row["macs_after"])

@@ -20,12 +20,7 @@ def register(
     """Step 6: register teacher and candidates in MLflow; promote the policy's pick if it beats the champion."""
     from kdflow.stepserver import run_step
 
-    run = dict(
-        config_json=config_json,
-        tracking_uri=tracking_uri,
-        pipeline_run_id=pipeline_run_id,
-        pipeline_run_name=pipeline_run_name,
-    )
+    run = [config_json, tracking_uri, pipeline_run_id, pipeline_run_name]
     students, reports = [s.path for s in students], [r.path for r in reports]
     result = run_step("register", run, data.path, teacher.path, students, reports, decision.path)
     summary.log_metric("promoted", float(result["decision"]["promoted"]))

@@ -17,12 +17,7 @@ def train_teacher(
     """Step 2: pretrain on the source task, fine-tune on the target task with a new head."""
     from kdflow.stepserver import run_step
 
-    run = dict(
-        config_json=config_json,
-        tracking_uri=tracking_uri,
-        pipeline_run_id=pipeline_run_id,
-        pipeline_run_name=pipeline_run_name,
-    )
+    run = [config_json, tracking_uri, pipeline_run_id, pipeline_run_name]
     for key, value in run_step("teacher", run, data.path, teacher.path).items():
         metrics.log_metric(key, value)
     teacher.metadata["framework"] = "pytorch"

@@ -265,3 +265,22 @@ def test_flat_gives_dotted_string_params():
     assert flat["prune.ratios"] == "[0.6, 0.75]"
     assert flat["registry.policy.max_params"] == "None"
     assert all(isinstance(v, str) for v in flat.values())
+
+
+def test_candidate_groups_keep_one_data_stream_per_step():
+    cfg = load_config(
+        None,
+        {
+            "distill.students": [{"name": "a", "from_pruned": 0.6}, {"name": "b", "from_pruned": 0.75}],
+            "distill.losses": [
+                {"name": "kd", "kind": "kd"},
+                {"name": "src", "kind": "kd", "transfer": "source"},
+                {"name": "ce", "kind": "ce"},
+            ],
+            "distill.candidates_per_step": 3,
+        },
+    )
+    # four target-only candidates in groups of three, the two source-data ones apart
+    assert cfg.candidate_groups() == ["a-kd,a-ce,b-kd", "b-ce", "a-src,b-src"]
+    one = load_config(None, {"distill.candidates_per_step": 1})
+    assert one.candidate_groups() == [c["name"] for c in one.candidates()]

@@ -10,20 +10,23 @@ from torch import nn
 from kdflow import steps
 from kdflow.config import LossConfig
 from kdflow.train import Student, TeacherOutputs, compute_teacher_outputs, fit, fit_many, teacher_outputs_key
-from tests.test_models_train import CPU, NORM, SOURCE, TRAIN, VAL, cfg, cnn, state, train_quadrants
+from tests.test_models_train import (  # noqa: F401  (one_thread: the module's autouse fixture)
+    CPU,
+    NORM,
+    SOURCE,
+    TRAIN,
+    VAL,
+    cfg,
+    cnn,
+    one_thread,
+    state,
+    train_quadrants,
+)
 
 KD = LossConfig(name="kd", kind="kd", temperature=4.0, alpha=0.9)
 MSE = LossConfig(name="mse", kind="logit_mse", lam=0.1)
 CE = LossConfig(name="ce", kind="ce")
 HINT = LossConfig(name="hint", kind="hint", beta=1.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,10 @@ def test_run_parameters_default_to_the_config(tmp_path):
     cfg = load_config(None, {"distill.train.epochs": 7})
     params = _compile(tmp_path, cfg)["root"]["inputDefinitions"]["parameters"]
     # six candidates, three per distill step, those whose transfer sets use source images apart
-    assert params["candidates"]["defaultValue"] == ["pruned60-kd,pruned60-logit_mse,pruned60-ce", "pruned75-kd,pruned75-logit_mse,pruned75-ce"]
+    assert params["candidates"]["defaultValue"] == [
+        "pruned60-kd,pruned60-logit_mse,pruned60-ce",
+        "pruned75-kd,pruned75-logit_mse,pruned75-ce",
+    ]
     one_each = load_config(None, {"distill.candidates_per_step": 1})
     assert _compile(tmp_path, one_each)["root"]["inputDefinitions"]["parameters"]["candidates"]["defaultValue"] == [
         c["name"] for c in one_each.candidates()

@@ -29,12 +29,12 @@ def _timed(step: str):
     return wrap
 
 
-def _context(run: dict):
+def _context(run: list[str]):
+    """The step's StepContext from the pipeline-run strings every component passes on: config_json,
+    tracking_uri, pipeline_run_id, pipeline_run_name."""
     from kdflow import steps
 
-    return steps.StepContext.open(
-        run["config_json"], run["tracking_uri"], run["pipeline_run_id"], run["pipeline_run_name"]
-    )
+    return steps.StepContext.open(*run)
 
 
 @_timed("data-prep")
@@ -48,7 +48,7 @@ def data_prep(config_json: str, data: str) -> dict:
 
 
 @_timed("teacher")
-def teacher(run: dict, data: str, teacher: str) -> dict:
+def teacher(run: list[str], data: str, teacher: str) -> dict:
     from kdflow import steps
 
     ctx = _context(run)
@@ -57,14 +57,14 @@ def teacher(run: dict, data: str, teacher: str) -> dict:
 
 
 @_timed("prune")
-def prune(run: dict, data: str, teacher: str, pruned: str) -> list[dict]:
+def prune(run: list[str], data: str, teacher: str, pruned: str) -> list[dict]:
     from kdflow import steps
 
     return steps.prune_teacher(_context(run), data, teacher, pruned)
 
 
 @_timed("distill")
-def distill(run: dict, candidates: str, data: str, teacher: str, pruned: str, student: str) -> dict:
+def distill(run: list[str], candidates: str, data: str, teacher: str, pruned: str, student: str) -> dict:
     from kdflow import steps
 
     names = [n.strip() for n in candidates.split(",") if n.strip()]
@@ -72,21 +72,21 @@ def distill(run: dict, candidates: str, data: str, teacher: str, pruned: str, st
 
 
 @_timed("evaluate")
-def evaluate(run: dict, data: str, teacher: str, student: str, report: str) -> list[dict]:
+def evaluate(run: list[str], data: str, teacher: str, student: str, report: str) -> list[dict]:
     from kdflow import steps
 
     return steps.evaluate_candidates(_context(run), data, teacher, student, report)
 
 
 @_timed("register")
-def register(run: dict, data: str, teacher: str, students: list[str], reports: list[str], decision: str) -> dict:
+def register(run: list[str], data: str, teacher: str, students: list[str], reports: list[str], decision: str) -> dict:
     from kdflow import steps
 
     return steps.register(_context(run), data, teacher, students, reports, decision)
 
 
 @_timed("finalize")
-def finalize(run: dict, state: str, error_message: str) -> list[str]:
+def finalize(run: list[str], state: str, error_message: str) -> list[str]:
     from kdflow import steps
 
     detail = f"{state}: {error_message}" if error_message else state

@@ -323,7 +323,6 @@ def fit_many(
         names = [s.loss.name for s in students]
         raise ValueError(f"losses {names} use source images in their transfer set but no source data was given")
     distilling = [s for s in students if needs_teacher(s.loss)]
-    transfers = {s.loss.transfer for s in distilling}
     world, rank = distributed.world_size(), distributed.rank()
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -362,6 +361,7 @@ def fit_many(
                 cached.features[layer] = extra.features[layer]
 
     amp, _ = _autocast(device)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     runs: list[_Run] = []
     for s in students:
         seed_everything(seed)  # the state `fit` alone would start this student from
@@ -389,7 +389,6 @@ def fit_many(
             )
         else:
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
         init_acc, init_loss = _validate(model, val, normalizer, world)
         runs.append(
@@ -410,7 +409,6 @@ def fit_many(
             )
         )
 
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     gen = torch.Generator(device=device).manual_seed(seed)
     for epoch in range(1, cfg.epochs + 1):
         for r in runs:
@@ -460,7 +458,7 @@ def fit_many(
                     t_feat = {layer: tap.value for layer, tap in t_taps.items()}
             for r in runs:
                 with r.rng.active():
-                    _step(r, xb, yb, xs, t_out, t_feat, weight, amp, transfers)
+                    _step(r, xb, yb, xs, t_out, t_feat, weight, amp)
         if world > 1:
             for r in runs:
                 r.sums = distributed.all_reduce_sums({k: float(v) for k, v in r.sums.items()}, device)
@@ -486,7 +484,7 @@ def fit_many(
     return [r.result for r in runs]
 
 
-def _step(r: _Run, xb, yb, xs, t_out: dict, t_feat: dict, weight: float | None, amp, transfers: set) -> None:
+def _step(r: _Run, xb, yb, xs, t_out: dict, t_feat: dict, weight: float | None, amp) -> None:
     """One optimizer step of one student on the shared batch: labelled target images `xb`/`yb`, source images
     `xs` when its transfer set uses them, teacher logits/features on those images in `t_out`/`t_feat`."""
     loss = r.spec.loss
