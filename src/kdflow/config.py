@@ -142,6 +142,17 @@ class LossConfig(_Section):
     transfer: Literal["target", "source", "both"] = "target"
 
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Every objective but plain cross-entropy has a distillation term, computed from teacher outputs."""
+        return self.kind != "ce"
+
+    @property
+    def uses_source_data(self) -> bool:
+        """The distillation term's transfer set includes source-task images (`transfer: source | both`)."""
+        return self.needs_teacher and self.transfer != "target"
+
+
 class DistillConfig(_Section):
     """The candidate grid: every student is trained with every loss, side by side."""
 
@@ -303,12 +314,10 @@ class Config(_Section):
     def candidate_groups(self) -> list[str]:
         """The distill steps' work: candidate names joined by "," in groups of `distill.candidates_per_step`,
         those whose transfer sets use source images grouped apart (one data stream per step)."""
-        from kdflow.losses import uses_source_data
-
         k = self.distill.candidates_per_step
         groups: list[list[str]] = []
         for stream in (False, True):
-            names = [c["name"] for c in self.candidates() if uses_source_data(LossConfig(**c["loss"])) == stream]
+            names = [c["name"] for c in self.candidates() if LossConfig(**c["loss"]).uses_source_data == stream]
             groups += [names[i : i + k] for i in range(0, len(names), k)]
         return [",".join(g) for g in groups]
 

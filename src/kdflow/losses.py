@@ -106,10 +106,10 @@ def objective(
 
 
 def needs_teacher(cfg: LossConfig) -> bool:
-    """Every objective but plain cross-entropy has a distillation term, computed from teacher outputs."""
-    return cfg.kind != "ce"
+    """Every objective but plain cross-entropy has a distillation term (defined on LossConfig)."""
+    return cfg.needs_teacher
 
 
 def uses_source_data(cfg: LossConfig) -> bool:
-    """The distillation term's transfer set includes source-task images (`transfer: source | both`)."""
-    return needs_teacher(cfg) and cfg.transfer != "target"
+    """The transfer set includes source-task images, `transfer: source | both` (defined on LossConfig)."""
+    return cfg.uses_source_data
