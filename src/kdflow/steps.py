@@ -383,7 +383,7 @@ def distill(
     with_source = any(losses.uses_source_data(lc) for lc in loss_cfgs.values())
     source = Split(*data.load_split(data_dir, "source", "train")) if with_source else None
     cached = load_teacher_outputs(teacher, manifest, teacher_dir) if cfg.distill.train.augment == "none" else None
-    (Path(out_dir)).mkdir(parents=True, exist_ok=True)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / GROUP_FILE).write_text(json.dumps(names))
 
     runs, students, specs = {}, {}, {}

@@ -348,7 +348,12 @@ def fit_many(
         cached = teacher_outputs
         if cached is None or (use_source and cached.source is None):
             cached = compute_teacher_outputs(teacher, normalizer, "", train.x, source.x if use_source else None)
-        cached.target, cached.source = cached.target.to(device), (cached.source.to(device) if use_source else None)
+        cached = TeacherOutputs(  # a device copy: the caller's outputs stay as they were
+            cached.key,
+            cached.target.to(device),
+            cached.source.to(device) if use_source else None,
+            dict(cached.features),
+        )
         for layer in t_layers:
             if layer in cached.features:
                 continue
