@@ -20,6 +20,7 @@ from kdflow.config import LossConfig, TrainConfig, load_config
 from kdflow.data import Normalizer
 from kdflow.train import Split, accuracy, fit, predict
 from tests.conftest import tiny_overrides
+from tests.test_models_train import quadrants
 
 CPU = torch.device("cpu")
 WORLD = 2
@@ -29,17 +30,6 @@ HINT = LossConfig(name="hint", kind="hint", transfer="both")
 # from 65 samples with 1 (rank 1 gets none and must still take part)
 CE_CFG = TrainConfig(epochs=4, batch_size=32, lr=0.5, augment="crop")
 KD_CFG = TrainConfig(epochs=3, batch_size=32, lr=0.5)  # SGD: AdamW would amplify float rounding differences
-
-
-def quadrants(n: int, seed: int) -> Split:
-    """8×8 one-channel uint8 images, 4 classes: the class is which quadrant is bright; the rest is noise."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x = torch.randint(0, 60, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
-    for i, label in enumerate(y.tolist()):
-        r, c = divmod(label, 2)
-        x[i, 0, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 150
-    return Split(x, y)
 
 
 TRAIN, KD_TRAIN, VAL, SOURCE = quadrants(99, 1), quadrants(65, 4), quadrants(40, 2), quadrants(50, 3)
