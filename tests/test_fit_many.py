@@ -142,3 +142,12 @@ def test_teacher_outputs_key_follows_weights_and_data(teacher, tmp_path):
     assert isinstance(loaded, TeacherOutputs) and loaded.key == key
     assert steps.load_teacher_outputs(other, manifest, str(tmp_path)) is None  # stale: another teacher
     assert steps.load_teacher_outputs(teacher, {"content_hash": "data-2"}, str(tmp_path)) is None
+
+
+def test_one_teacher_pass_gives_logits_and_hint_features(teacher):
+    """Without augmentation a hint student's teacher features come from the same single pass as the logits:
+    the train split once, plus one image to size the feature cache and two to size the hint adapter."""
+    counting = Counting(teacher)
+    students = [Student(cnn(4), KD), Student(cnn(4), HINT, ("features", "net.features"))]
+    fit_many(students, TRAIN, VAL, cfg(2), NORM, seed=0, device=CPU, teacher=counting)
+    assert counting.images == len(TRAIN) + 1 + 2

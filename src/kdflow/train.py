@@ -345,25 +345,28 @@ def fit_many(
     # teacher outputs once for the whole run, when every epoch shows the students the same images
     cached = None
     if distilling and cfg.augment == "none":
-        cached = teacher_outputs
-        if cached is None or (use_source and cached.source is None):
-            cached = compute_teacher_outputs(teacher, normalizer, "", train.x, source.x if use_source else None)
-        cached = TeacherOutputs(  # a device copy: the caller's outputs stay as they were
-            cached.key,
-            cached.target.to(device),
-            cached.source.to(device) if use_source else None,
-            dict(cached.features),
+        given = teacher_outputs
+        if given is not None and use_source and given.source is None:
+            given = None  # no logits for the source images: compute them all here
+        known = given.features if given else {}
+        rows = len(train) + (len(source) if use_source else 0)
+        layers = tuple(
+            layer
+            for layer in t_layers
+            if layer not in known
+            and _feature_bytes(teacher, normalizer, train.x, t_taps[layer]) * rows <= FEATURE_CACHE_BYTES
         )
-        for layer in t_layers:
-            if layer in cached.features:
-                continue
-            probe = _probe_features(teacher, normalizer, train.x, layer, t_taps[layer])
-            rows = len(train) + (len(source) if use_source else 0)
-            if probe.element_size() * probe[0].numel() * rows <= FEATURE_CACHE_BYTES:
-                extra = compute_teacher_outputs(
-                    teacher, normalizer, "", train.x, source.x if use_source else None, (layer,)
-                )
-                cached.features[layer] = extra.features[layer]
+        # one teacher pass gives the logits and every hint layer's features that fit in memory
+        fresh = None
+        if given is None or layers:
+            fresh = compute_teacher_outputs(teacher, normalizer, "", train.x, source.x if use_source else None, layers)
+        base = given or fresh
+        cached = TeacherOutputs(  # a device copy: the caller's outputs stay as they were
+            base.key,
+            base.target.to(device),
+            base.source.to(device) if use_source else None,
+            {**known, **(fresh.features if fresh else {})},
+        )
 
     amp, _ = _autocast(device)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -530,11 +533,11 @@ def _step(r: _Run, xb, yb, xs, t_out: dict, t_feat: dict, weight: float | None, 
         r.sums[k] = r.sums[k] + v if k in r.sums else v
 
 
-def _probe_features(teacher: nn.Module, normalizer: Normalizer, x: torch.Tensor, layer: str, tap) -> torch.Tensor:
-    """The teacher layer's output for one image: tells how large caching that layer would be."""
+def _feature_bytes(teacher: nn.Module, normalizer: Normalizer, x: torch.Tensor, tap) -> int:
+    """Bytes of the tapped teacher layer's output for one image: tells what caching that layer would cost."""
     with torch.no_grad():
         teacher(normalizer(x[:1]))
-    return tap.value
+    return tap.value.element_size() * tap.value[0].numel()
 
 
 def _share(batch: int, rank: int, world: int, device: torch.device) -> tuple[torch.Tensor | None, float | None]:
