@@ -141,7 +141,6 @@ class LossConfig(_Section):
     beta: float = Field(1.0, ge=0.0, le=1e4)
     transfer: Literal["target", "source", "both"] = "target"
 
-
     @property
     def needs_teacher(self) -> bool:
         """Every objective but plain cross-entropy has a distillation term, computed from teacher outputs."""
