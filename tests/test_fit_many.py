@@ -9,7 +9,15 @@ from torch import nn
 
 from kdflow import steps
 from kdflow.config import LossConfig
-from kdflow.train import Student, TeacherOutputs, compute_teacher_outputs, fit, fit_many, teacher_outputs_key
+from kdflow.train import (
+    Student,
+    TeacherOutputs,
+    augment_variant,
+    compute_teacher_outputs,
+    fit,
+    fit_many,
+    teacher_outputs_key,
+)
 from tests.test_models_train import (  # noqa: F401  (one_thread: the module's autouse fixture)
     CPU,
     NORM,
@@ -128,6 +136,120 @@ def test_precomputed_teacher_outputs_are_used_and_equal_on_the_fly(teacher):
     fit(b, TRAIN, VAL, cfg(2), NORM, seed=0, device=CPU, loss=KD, teacher=teacher)
     for k, v in a.state_dict().items():
         torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-4, atol=1e-5)
+
+
+def test_crop_table_holds_the_teacher_on_every_crop(teacher):
+    """Row i, column v of the table is the teacher's output on image i under augmentation variant v."""
+    outputs = compute_teacher_outputs(teacher, NORM, "k", TRAIN.x, augment="crop_flip")
+    assert outputs.augment == "crop_flip"
+    assert outputs.target.shape == (len(TRAIN), 18, 4)  # 8-px images: pad 1, 3×3 offsets, ×2 flips
+    with torch.no_grad():
+        for v in range(18):
+            direct = teacher.eval()(NORM(augment_variant(TRAIN.x, "crop_flip", v)))
+            torch.testing.assert_close(outputs.target[:, v], direct, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="only the target split"):
+        compute_teacher_outputs(teacher, NORM, "k", TRAIN.x, SOURCE.x, augment="crop")
+
+
+@pytest.mark.parametrize("loss", [KD, LossConfig(name="both", kind="kd", transfer="both")])
+def test_crop_table_serves_the_random_crops_exactly(teacher, loss):
+    """Training on random crops with the table equals running the teacher on every batch, and the teacher then
+    only sees source images (not tabulated), one per target image per epoch."""
+    table = compute_teacher_outputs(teacher, NORM, "k", TRAIN.x, augment="crop")
+    counting = Counting(teacher)
+    a, b = cnn(4, seed=1), cnn(4, seed=1)
+    config = cfg(2, augment="crop")  # 2 epochs < 9 variants: without a given table the teacher runs per batch
+    ra = fit(
+        a,
+        TRAIN,
+        VAL,
+        config,
+        NORM,
+        seed=0,
+        device=CPU,
+        loss=loss,
+        teacher=counting,
+        source=SOURCE,
+        teacher_outputs=table,
+    )
+    assert counting.images == (2 * len(TRAIN) if loss.transfer == "both" else 0)
+    rb = fit(b, TRAIN, VAL, config, NORM, seed=0, device=CPU, loss=loss, teacher=teacher, source=SOURCE)
+    assert ra.best_epoch == rb.best_epoch
+    for ha, hb in zip(ra.history, rb.history):
+        assert ha.keys() == hb.keys()
+        for k in ha:
+            assert ha[k] == pytest.approx(hb[k], rel=1e-4, abs=1e-6), k
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("epochs", "expected"), [(8, 8 * len(TRAIN)), (9, 9 * len(TRAIN) + 1)])
+def test_crop_table_built_when_the_epochs_would_see_as_many_crops(teacher, epochs, expected):
+    """8-px crops have 9 variants: 8 epochs run the teacher per batch (8 images per image), 9 epochs build the
+    table (9 per image, plus one to learn the class count) and look every batch up."""
+    counting = Counting(teacher)
+    students = [Student(cnn(4), KD), Student(cnn(4), MSE)]
+    fit_many(students, TRAIN, VAL, cfg(epochs, augment="crop"), NORM, seed=0, device=CPU, teacher=counting)
+    assert counting.images == expected
+
+
+def test_a_table_for_other_augmentation_is_not_used(teacher):
+    """A table for crop_flip cannot serve crop (or none): the teacher runs instead; without one it is an error."""
+    table = compute_teacher_outputs(teacher, NORM, "k", TRAIN.x, augment="crop_flip")
+    counting = Counting(teacher)
+    fit(
+        cnn(4),
+        TRAIN,
+        VAL,
+        cfg(1, augment="crop"),
+        NORM,
+        seed=0,
+        device=CPU,
+        loss=KD,
+        teacher=counting,
+        teacher_outputs=table,
+    )
+    assert counting.images == len(TRAIN)
+    with pytest.raises(ValueError, match="augment='crop': the teacher's outputs are not all in teacher_outputs"):
+        fit(cnn(4), TRAIN, VAL, cfg(1, augment="crop"), NORM, seed=0, device=CPU, loss=KD, teacher_outputs=table)
+
+
+@pytest.mark.parametrize(
+    ("train", "losses", "shape"),
+    [
+        ({"epochs": 2}, None, (None, 10)),  # no augmentation: logits once
+        ({"epochs": 9, "augment": "crop"}, None, (None, 9, 10)),  # 9 epochs see the 9 crops of 8-px digits
+        ({"epochs": 8, "augment": "crop"}, None, None),  # fewer epochs than crops: per batch is cheaper
+        ({"epochs": 9, "augment": "crop"}, [{"name": "h", "kind": "hint"}, {"name": "ce", "kind": "ce"}], None),
+    ],
+)
+def test_teacher_step_writes_the_outputs_distill_steps_can_use(tmp_path, train, losses, shape):
+    """The teacher step's `teacher_outputs.pt`: logits without augmentation, a crop table when the distill
+    epochs would run the teacher on at least as many crops, nothing when hints need the features per batch."""
+    from kdflow import data, models
+    from kdflow.config import load_config
+    from kdflow.data import Normalizer
+    from tests.conftest import tiny_overrides
+
+    extra = {"distill.train": train, **({"distill.losses": losses} if losses else {})}
+    config = load_config(None, tiny_overrides(**extra))
+    data_dir = str(tmp_path / "data")
+    data.prepare(config.data, config.seed, data_dir)
+    manifest = data.read_manifest(data_dir)
+    norm = Normalizer.from_manifest(manifest)
+    assert manifest["tasks"]["target"]["num_classes"] == 10
+    torch.manual_seed(2)
+    net = models.build("cnn", in_channels=1, num_classes=10, width=8)
+    steps.save_teacher_outputs(config, net, norm, data_dir, manifest, str(tmp_path))
+    loaded = steps.load_teacher_outputs(net, manifest, str(tmp_path))
+    if shape is None:
+        assert loaded is None and not (tmp_path / steps.TEACHER_OUTPUTS_FILE).exists()
+        return
+    x_train, _ = data.load_split(data_dir, "target", "train")
+    assert loaded.augment == train.get("augment", "none")
+    assert loaded.target.shape == (len(x_train), *shape[1:])
+    expected = compute_teacher_outputs(net, norm, "", x_train, augment=loaded.augment).target
+    torch.testing.assert_close(loaded.target, expected)
 
 
 def test_teacher_outputs_key_follows_weights_and_data(teacher, tmp_path):

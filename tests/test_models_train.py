@@ -9,7 +9,16 @@ from torch import nn
 from kdflow import models
 from kdflow.config import LossConfig, TrainConfig
 from kdflow.data import Normalizer
-from kdflow.train import Split, accuracy, augment, fit, predict
+from kdflow.train import (
+    Split,
+    accuracy,
+    augment,
+    augment_variant,
+    augment_variants,
+    augment_with_variant,
+    fit,
+    predict,
+)
 
 CPU = torch.device("cpu")
 TORCHVISION = {"resnet18", "mobilenet_v3_small"}
@@ -181,6 +190,34 @@ def test_crop_flip_flips_some_samples():
     out = augment(x, "crop_flip", gen(3))
     crops_only = [any(torch.equal(out[i], win) for win in windows(x[i], 2, flips=False)) for i in range(len(x))]
     assert 0 < sum(crops_only) < len(x)
+
+
+@pytest.mark.parametrize(
+    ("kind", "size", "expected"),
+    [("none", 8, 1), ("crop", 8, 9), ("crop", 16, 25), ("crop_flip", 16, 50), ("crop", 32, 81), ("crop", 4, 9)],
+)
+def test_augment_variants_counts_offsets_and_flips(kind, size, expected):
+    assert augment_variants(kind, size) == expected
+
+
+@pytest.mark.parametrize("kind", ["crop", "crop_flip"])
+def test_variant_index_names_the_crop_each_sample_got(kind):
+    """The index `augment_with_variant` returns rebuilds each sample's image (what a teacher-output table is
+    looked up by), in the order `windows` lists them; the images and draws are `augment`'s."""
+    x = images(b=400, c=2, h=16, w=16)
+    out, variant = augment_with_variant(x, kind, gen(4))
+    assert torch.equal(out, augment(x, kind, gen(4)))
+    assert sorted(set(variant.tolist())) == list(range(augment_variants(kind, 16)))  # every variant drawn
+    for i in range(len(x)):
+        v = int(variant[i])
+        assert torch.equal(out[i], augment_variant(x[i : i + 1], kind, v)[0])
+        position = v if kind == "crop" else v // 2 + (v % 2) * 25
+        assert torch.equal(out[i], windows(x[i], 2, flips=kind == "crop_flip")[position])
+
+
+def test_augment_variant_rejects_an_index_out_of_range():
+    with pytest.raises(ValueError, match="variant 25 out of range for 'crop' on 16-px"):
+        augment_variant(images(b=1), "crop", 25)
 
 
 # ------------------------------------------------------------------------------------------------- fit

@@ -30,6 +30,7 @@ from kdflow.train import (
     predict,
     resolve_device,
     seed_everything,
+    tabulate_augmented,
     teacher_outputs_key,
 )
 
@@ -258,18 +259,26 @@ def _train_teacher(
 
 def save_teacher_outputs(cfg: Config, net: nn.Module, norm: data.Normalizer, data_dir: str, manifest: dict, out_dir):
     """The teacher's logits on the distillation transfer sets, computed once here for every distill step and
-    epoch, keyed by the teacher's weights and the data's content hash. Skipped when distillation augments at
-    random (each batch is then new) or no loss uses a teacher."""
+    epoch, keyed by the teacher's weights and the data's content hash. With random crops: a table over every
+    crop variant of the target images, when `train.tabulate_augmented` finds it pays. Skipped when no loss uses
+    the teacher's logits without its features (hint losses run the teacher per batch under augmentation)."""
     dcfg = cfg.distill
-    if dcfg.train.augment != "none" or not any(losses.needs_teacher(lc) for lc in dcfg.losses):
+    augment = dcfg.train.augment
+    teacher_losses = [lc for lc in dcfg.losses if losses.needs_teacher(lc)]
+    if augment != "none":
+        teacher_losses = [lc for lc in teacher_losses if lc.kind != "hint"]
+    if not teacher_losses:
         return
-    with_source = any(losses.uses_source_data(lc) for lc in dcfg.losses)
     x_target, _ = data.load_split(data_dir, "target", "train")
+    with_source = augment == "none" and any(losses.uses_source_data(lc) for lc in teacher_losses)
     x_source = data.load_split(data_dir, "source", "train")[0] if with_source else None
+    num_classes = manifest["tasks"]["target"]["num_classes"]
+    if augment != "none" and not tabulate_augmented(augment, x_target, num_classes, dcfg.train.epochs):
+        return
     with timing.compute():
         key = teacher_outputs_key(net, manifest["content_hash"])
-        out = compute_teacher_outputs(net, norm, key, x_target, x_source)
-    blob = {"key": key, "target": out.target.cpu()}
+        out = compute_teacher_outputs(net, norm, key, x_target, x_source, augment=augment)
+    blob = {"key": key, "augment": augment, "target": out.target.cpu()}
     if out.source is not None:
         blob["source"] = out.source.cpu()
     torch.save(blob, Path(out_dir) / TEACHER_OUTPUTS_FILE)
@@ -277,7 +286,7 @@ def save_teacher_outputs(cfg: Config, net: nn.Module, norm: data.Normalizer, dat
 
 def load_teacher_outputs(teacher: nn.Module, manifest: dict, teacher_dir: str) -> TeacherOutputs | None:
     """The teacher step's cached logits if they belong to exactly this teacher and data, else None (the
-    distill step then runs the teacher itself)."""
+    distill step then runs the teacher itself). `train.fit_many` uses them only for their augmentation."""
     path = Path(teacher_dir) / TEACHER_OUTPUTS_FILE
     if not path.is_file():
         return None
@@ -285,7 +294,7 @@ def load_teacher_outputs(teacher: nn.Module, manifest: dict, teacher_dir: str) -
     if blob["key"] != teacher_outputs_key(teacher, manifest["content_hash"]):
         print(f"{tracking.PROGRESS_PREFIX} ignoring stale {path}: it belongs to another teacher or dataset")
         return None
-    return TeacherOutputs(blob["key"], blob["target"], blob.get("source"))
+    return TeacherOutputs(blob["key"], blob["target"], blob.get("source"), augment=blob.get("augment", "none"))
 
 
 def _load_compatible(net: nn.Module, path: str) -> None:
@@ -364,8 +373,9 @@ def distill(
     """Train candidates (a student × a loss each) on the target task with the teacher's soft targets.
 
     The candidates of one step train side by side over one data stream (`train.fit_many`): each batch's teacher
-    outputs serve all of them, and without random augmentation they come from `teacher_outputs.pt`, which the
-    teacher step computed once. Each candidate gets its own MLflow run and its own folder `out_dir/<name>`."""
+    outputs serve all of them, and they come from `teacher_outputs.pt`, which the teacher step computed once
+    (without random augmentation, or as a table over every crop variant when that pays). Each candidate gets
+    its own MLflow run and its own folder `out_dir/<name>`."""
     from kdflow.config import LossConfig, StudentConfig
 
     _share_cores()
@@ -382,7 +392,7 @@ def distill(
     loss_cfgs = {c["name"]: LossConfig(**c["loss"]) for c in cands}
     with_source = any(losses.uses_source_data(lc) for lc in loss_cfgs.values())
     source = Split(*data.load_split(data_dir, "source", "train")) if with_source else None
-    cached = load_teacher_outputs(teacher, manifest, teacher_dir) if cfg.distill.train.augment == "none" else None
+    cached = load_teacher_outputs(teacher, manifest, teacher_dir)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / GROUP_FILE).write_text(json.dumps(names))
 

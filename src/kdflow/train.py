@@ -60,23 +60,61 @@ class Split:
         return len(self.y)
 
 
+def crop_padding(size: int) -> int:
+    """Zero padding (pixels per side) of the random crop for images of `size` px: size/8, at least 1."""
+    return max(1, size // 8)
+
+
+def augment_variants(kind: str, size: int) -> int:
+    """How many distinct images `augment` can make of one `size`-px image: every crop offset, times 2 with flips."""
+    if kind == "none":
+        return 1
+    offsets = (2 * crop_padding(size) + 1) ** 2
+    return 2 * offsets if kind == "crop_flip" else offsets
+
+
 def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
     """Batched tensor augmentation on uint8 (B, C, H, W): random crop after zero padding of H/8, and/or a
     horizontal flip, each sample drawing its own offsets from `gen`."""
+    return augment_with_variant(x, kind, gen)[0]
+
+
+def augment_with_variant(x: torch.Tensor, kind: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`augment`, plus each sample's variant index in [0, augment_variants): (dy·(2·pad+1) + dx), times 2 plus the
+    flip bit for crop_flip. The index addresses a table of teacher outputs per variant (`compute_teacher_outputs`);
+    the images and the draws from `gen` are exactly those of `augment`."""
     if kind == "none":
-        return x
+        return x, None
     b, _, h, w = x.shape
-    pad = max(1, h // 8)
+    pad = crop_padding(h)
     padded = F.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=gen.device).to(x.device)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=gen.device).to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
     out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    variant = dy * (2 * pad + 1) + dx
     if kind == "crop_flip":
         flip = torch.rand(b, generator=gen, device=gen.device).to(x.device) < 0.5
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-    return out.contiguous()
+        variant = variant * 2 + flip.long()
+    return out.contiguous(), variant
+
+
+def augment_variant(x: torch.Tensor, kind: str, variant: int) -> torch.Tensor:
+    """Every image of uint8 `x` (B, C, H, W) under one augmentation variant (an index of `augment_with_variant`)."""
+    h, w = x.shape[-2:]
+    if not 0 <= variant < augment_variants(kind, h):
+        raise ValueError(f"augmentation variant {variant} out of range for {kind!r} on {h}-px images")
+    if kind == "none":
+        return x
+    pad = crop_padding(h)
+    flip = False
+    if kind == "crop_flip":
+        variant, flip = divmod(variant, 2)
+    dy, dx = divmod(variant, 2 * pad + 1)
+    out = F.pad(x, (pad, pad, pad, pad))[..., dy : dy + h, dx : dx + w]
+    return (out.flip(-1) if flip else out).contiguous()
 
 
 @torch.no_grad()
@@ -137,17 +175,33 @@ class Student:
 @dataclass
 class TeacherOutputs:
     """The frozen teacher's logits for every image of the transfer splits, row i for image i: computed once and
-    reused by every epoch and every candidate instead of a teacher pass per batch. Only valid without random
-    augmentation (the images the teacher saw are the images the students see). `key` ties them to one teacher's
-    weights and one dataset (`teacher_outputs_key`), so stale outputs are refused."""
+    reused by every epoch and every candidate instead of a teacher pass per batch. `key` ties them to one
+    teacher's weights and one dataset (`teacher_outputs_key`), so stale outputs are refused.
+
+    With random augmentation (`augment` "crop" or "crop_flip") `target` is a table (N, V, K): the logits of every
+    augmentation variant of every target image (`augment_variant`), so each batch's random crops are looked up,
+    exactly the outputs the teacher would give, never stale ones. Source images are then not tabulated (they are
+    drawn from a large pool, a few per step): the teacher runs on them per batch."""
 
     key: str
-    target: torch.Tensor  # (N_target_train, K)
+    target: torch.Tensor  # (N_target_train, K), or (N_target_train, V, K) per augmentation variant
     source: torch.Tensor | None = None  # (N_source_train, K) when a transfer set uses source images
     features: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer → split → (N, C, H, W)
+    augment: str = "none"
 
 
 FEATURE_CACHE_BYTES = 1 << 30  # teacher hint features larger than this are recomputed per batch instead
+TABLE_BYTES = 256 << 20  # teacher-output tables of augmented images larger than this are not built
+
+
+def tabulate_augmented(augment: str, images: torch.Tensor, num_classes: int, epochs: int) -> bool:
+    """Whether a table of the teacher's logits for every augmentation variant of `images` (N, C, H, W) pays: it
+    costs V·N teacher images once, where running the teacher per batch costs epochs·N in every training run
+    (each distill step, each sweep) and the table serves them all. Built when V ≤ epochs and it fits TABLE_BYTES."""
+    if augment == "none":
+        return False
+    variants = augment_variants(augment, images.shape[-2])
+    return variants <= epochs and len(images) * variants * num_classes * 4 <= TABLE_BYTES
 
 
 def teacher_outputs_key(teacher: nn.Module, data_hash: str) -> str:
@@ -162,6 +216,12 @@ def teacher_outputs_key(teacher: nn.Module, data_hash: str) -> str:
     return h.hexdigest()
 
 
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """An image batch in channels_last memory: NHWC convolutions use tensor cores on CUDA and oneDNN's blocked
+    kernels on the CPU (there about 1.3× faster than NCHW for the small CNNs here)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 @torch.no_grad()
 def compute_teacher_outputs(
     teacher: nn.Module,
@@ -170,25 +230,40 @@ def compute_teacher_outputs(
     target: torch.Tensor,
     source: torch.Tensor | None = None,
     feature_layers: tuple[str, ...] = (),
-    batch_size: int = 512,
+    batch_size: int = 128,
+    augment: str = "none",
 ) -> TeacherOutputs:
     """Run the frozen teacher once over uint8 images (N, C, H, W) of the target (and source) train split, in
-    eval mode and the training loop's autocast, keeping logits (and the named layers' outputs) on the device."""
+    eval mode and the training loop's autocast, keeping logits (and the named layers' outputs) on the device.
+
+    With `augment` other than "none" the target logits are a table over every augmentation variant, (N, V, K);
+    the source split and hint features are not tabulated then. Batches of 128 keep a small CNN's activations in
+    the CPU's cache (bigger batches run slower per image there)."""
+    if augment != "none" and (source is not None or feature_layers):
+        raise ValueError("with random augmentation only the target split's logits are tabulated")
     device = next(teacher.parameters()).device
     teacher.eval()
+    if target.dim() == 4:
+        teacher.to(memory_format=torch.channels_last)
     normalizer = normalizer.to(device)
     amp, _ = _autocast(device)
     taps = {layer: _FeatureTap(teacher, layer) for layer in feature_layers}
-    out = TeacherOutputs(key=key, target=torch.empty(0))
+    out = TeacherOutputs(key=key, target=torch.empty(0), augment=augment)
+    variants = augment_variants(augment, target.shape[-2])
     for split, x in (("target", target), ("source", source)):
         if x is None:
             continue
         logits, feats = [], {layer: [] for layer in taps}
         for i in range(0, len(x), batch_size):
-            with amp:
-                logits.append(teacher(normalizer(x[i : i + batch_size].to(device))).float())
-            for layer, tap in taps.items():
-                feats[layer].append(tap.value.float())
+            xb = x[i : i + batch_size].to(device)
+            per_variant = []
+            for v in range(variants):
+                xv = normalizer(augment_variant(xb, augment, v))
+                with amp:
+                    per_variant.append(teacher(_nhwc(xv)).float())
+                for layer, tap in taps.items():
+                    feats[layer].append(tap.value.float())
+            logits.append(torch.stack(per_variant, 1) if augment != "none" else per_variant[0])  # (B, V, K) | (B, K)
         setattr(out, split, torch.cat(logits))
         for layer in taps:
             out.features.setdefault(layer, {})[split] = torch.cat(feats[layer])
@@ -296,7 +371,10 @@ def fit_many(
 
     Without random augmentation (`cfg.augment == "none"`) the teacher's outputs are computed once, before the
     first epoch, and looked up per batch (or taken from `teacher_outputs`, computed earlier for this teacher and
-    data); with augmentation every batch is new, so the teacher runs on it.
+    data). With random crops they are looked up in a table over every crop variant (`TeacherOutputs`), taken
+    from `teacher_outputs` or built here when that costs no more teacher passes than the epochs do
+    (`tabulate_augmented`); otherwise, and whenever a hint loss needs the teacher's features, the teacher runs
+    on every batch.
 
     Under torch.distributed with several processes (`kdflow.distributed`), each student (and hint adapter)
     trains in DistributedDataParallel: every rank draws the same global batch of `cfg.batch_size` and trains on
@@ -326,7 +404,7 @@ def fit_many(
     world, rank = distributed.world_size(), distributed.rank()
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    channels_last = device.type == "cuda" and train.x.dim() == 4  # NHWC convolutions are faster on tensor cores
+    channels_last = train.x.dim() == 4  # see _nhwc
 
     seed_everything(seed)
     normalizer = normalizer.to(device)
@@ -343,9 +421,9 @@ def fit_many(
     t_taps = {layer: _FeatureTap(teacher, layer) for layer in t_layers}
 
     # teacher outputs once for the whole run, when every epoch shows the students the same images
-    cached = None
+    cached = table = None
     if distilling and cfg.augment == "none":
-        given = teacher_outputs
+        given = teacher_outputs if teacher_outputs is not None and teacher_outputs.augment == "none" else None
         if given is not None and use_source and given.source is None:
             given = None  # no logits for the source images: compute them all here
         known = given.features if given else {}
@@ -366,6 +444,19 @@ def fit_many(
             base.target.to(device),
             base.source.to(device) if use_source else None,
             {**known, **(fresh.features if fresh else {})},
+        )
+    # with random crops: one table over every crop variant of every target image (hints need features: no table)
+    if distilling and cfg.augment != "none" and not t_layers:
+        if teacher_outputs is not None and teacher_outputs.augment == cfg.augment:
+            table = teacher_outputs.target.to(device)  # (N, V, K)
+        elif teacher is not None and augment_variants(cfg.augment, train.x.shape[-2]) <= cfg.epochs:
+            with torch.no_grad():  # one image tells the table's class count
+                num_classes = teacher(normalizer(train.x[:1])).shape[1]
+            if tabulate_augmented(cfg.augment, train.x, num_classes, cfg.epochs):
+                table = compute_teacher_outputs(teacher, normalizer, "", train.x, augment=cfg.augment).target
+    if distilling and teacher is None and (cached is None and table is None or use_source and table is not None):
+        raise ValueError(
+            f"augment={cfg.augment!r}: the teacher's outputs are not all in teacher_outputs, so the teacher is needed"
         )
 
     amp, _ = _autocast(device)
@@ -432,7 +523,8 @@ def fit_many(
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             share, weight = _share(len(idx), rank, world, device)
             # the whole global batch is augmented on every rank, so every rank's generator stays in step
-            xb = normalizer(_take(augment(train.x[idx], cfg.augment, gen), share))  # (B, C, H, W)
+            xb_u8, variant = augment_with_variant(train.x[idx], cfg.augment, gen)
+            xb = normalizer(_take(xb_u8, share))  # (B, C, H, W)
             yb = _take(train.y[idx], share)
             xs = src_idx = None
             if use_source:
@@ -440,8 +532,8 @@ def fit_many(
                 src_idx = _take(src_order[j], share)
                 xs = normalizer(_take(augment(source.x[src_order[j]], cfg.augment, gen), share))
             if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-                xs = xs.contiguous(memory_format=torch.channels_last) if xs is not None else None
+                xb = _nhwc(xb)
+                xs = _nhwc(xs) if xs is not None else None
             # the teacher on the transfer images: looked up when cached, else one forward for all students
             t_out: dict[str, torch.Tensor | None] = {}
             t_feat: dict[str, torch.Tensor | None] = {}
@@ -458,6 +550,12 @@ def fit_many(
                                 if use_source
                                 else f["target"][b_idx]
                             )
+                elif table is not None:  # this batch's crops, looked up; source images go through the teacher
+                    t_out["target"] = table[b_idx, _take(variant, share)]
+                    t_out["source"] = None
+                    if use_source:
+                        with torch.no_grad(), amp:
+                            t_out["source"] = teacher(xs).float()
                 if len(t_out) == 0 or any(layer not in t_feat for layer in t_layers):
                     with torch.no_grad(), amp:
                         xt = torch.cat([xb, xs]) if use_source else xb
