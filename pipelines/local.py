@@ -23,6 +23,7 @@ from kdflow.tracking import PROGRESS_PREFIX
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 EXCEPTION_LINE = re.compile(r"^\s*((?:\w+\.)*\w*(?:Error|Exception): .*)$", re.MULTILINE)
 LOCAL_PARALLELISM = 2  # kfp.local's cap on concurrent ParallelFor iterations
+TELEMETRY_ENV = "MLFLOW_DISABLE_TELEMETRY"
 
 
 class PipelineFailed(RuntimeError):
@@ -67,6 +68,9 @@ def run_local(cfg: Config, home: Path, tracking_uri: str | None = None, verbose:
     home.mkdir(parents=True, exist_ok=True)
     (home / "logs").mkdir(exist_ok=True)
     uri = tracking_uri or tracking.embedded_tracking_uri(home)
+    # MLflow's usage telemetry fetches its config and posts events over the internet, and waits up to a second
+    # at each process exit for that: off for the local run's processes unless the user set it themselves
+    os.environ.setdefault(TELEMETRY_ENV, "true")
     # kfp.local runs up to two loop iterations at once: each gets its share of the cores (steps read this)
     os.environ.setdefault(stepserver.PARALLEL_THREADS_ENV, str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLELISM)))
     with stepserver.StepServer(home / "logs" / "step-server.log"):  # warms up while the store is created

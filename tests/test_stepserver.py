@@ -75,3 +75,24 @@ def test_no_server_when_off(tmp_path, monkeypatch):
     monkeypatch.setenv(stepserver.SERVER_ENV, "off")
     with stepserver.StepServer(tmp_path / "log") as server:
         assert server.proc is None and os.environ[stepserver.SERVER_ENV] == "off"
+
+
+def test_sigterm_removes_the_socket_and_exits_zero(tmp_path):
+    """Stopping the server (what StepServer's exit does) removes its socket itself and exits with 0."""
+    import signal
+    import time
+
+    sock = tmp_path / "steps.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "kdflow.stepserver", str(sock)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the server never listened"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not sock.exists() and tmp_path.is_dir()
+    assert stepserver.READY in proc.stderr.read().decode()

@@ -129,16 +129,27 @@ def _warm_up() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401  (evaluate's confusion figure)
     import mlflow
+    import mlflow.pyfunc  # noqa: F401  (this and torch's export/serde modules: what a first pt2 log loads)
     import mlflow.pytorch  # noqa: F401
     import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     import sklearn.datasets  # noqa: F401
     import torch._dynamo  # noqa: F401  (imported by every optimizer and the FLOP counter)
+    import torch._export.serde.serialize  # noqa: F401
+    import torch._functorch.aot_autograd  # noqa: F401
     import torch.export  # noqa: F401
     import torch_pruning  # noqa: F401
 
     from kdflow import entrypoints, evaluate, pruning, steps  # noqa: F401
 
+    # MLflow's map of installed packages, which its model logging builds by scanning every installed
+    # distribution (over a second). A private helper, so only tried: without it each step builds the map.
+    try:
+        from mlflow.utils.requirements_utils import _init_modules_to_packages_map
+
+        _init_modules_to_packages_map()
+    except (ImportError, AttributeError):  # pragma: no cover - another MLflow version
+        pass
     del mlflow
 
 
@@ -176,7 +187,7 @@ def serve(path: str) -> None:
     except BaseException as err:  # waiting clients read this instead of timing out
         Path(path + ".failed").write_text(f"{type(err).__name__}: {err}")
         raise
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, lambda *_: _exit_now(path))
     signal.signal(signal.SIGCHLD, lambda *_: _reap())
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path + ".tmp")
@@ -204,6 +215,14 @@ def serve(path: str) -> None:
     finally:
         server.close()
         Path(path).unlink(missing_ok=True)
+
+
+def _exit_now(path: str) -> None:
+    """SIGTERM: remove the socket and exit. The server holds no other state, so it skips the interpreter's
+    teardown (seconds with torch and MLflow loaded)."""
+    Path(path).unlink(missing_ok=True)
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _reap() -> None:
