@@ -289,6 +289,7 @@ def benchmark(found: dict[str, Any], threads: list[int], args) -> dict[str, Any]
             **{k: v for k, v in entry.items() if k != "logged_metrics"},
             "arch": spec["arch"],
             "arch_kwargs": spec["kwargs"],
+            "conv_channels": [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)],
             "params": models.count_params(net),
             "macs": flops // 2,
             "size_bytes": checkpoint.file_size(entry["checkpoint"]),
@@ -323,8 +324,9 @@ def benchmark(found: dict[str, Any], threads: list[int], args) -> dict[str, Any]
 
 def _arch(m: dict[str, Any]) -> str:
     kwargs = ", ".join(f"{k}={v}" for k, v in m["arch_kwargs"].items())
-    pruned = f", {100 * float(m['prune_ratio']):.0f}% of channels pruned" if m.get("prune_ratio") else ""
-    return f"{m['arch']}({kwargs}){pruned}" + (f", loss {m['loss']}" if m.get("loss") else "")
+    pruned = f", pruned at ratio {float(m['prune_ratio']):g}" if m.get("prune_ratio") else ""
+    channels = f", conv channels {'-'.join(map(str, m['conv_channels']))}" if m.get("conv_channels") else ""
+    return f"{m['arch']}({kwargs}){pruned}{channels}" + (f", loss {m['loss']}" if m.get("loss") else "")
 
 
 def table(r: dict[str, Any], threads: list[int]) -> str:

@@ -16,8 +16,6 @@ from typing import IO
 
 from kdflow import stepserver, tracking
 from kdflow.config import Config
-from kdflow.pipelines.compile import pipeline_arguments
-from kdflow.pipelines.kdflow_pipeline import build_pipeline
 from kdflow.tracking import PROGRESS_PREFIX
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -82,7 +80,10 @@ def _run(cfg: Config, home: Path, uri: str, verbose: bool) -> dict:
     """The pipeline itself, once the store exists and the step server (if any) is up."""
     import warnings
 
-    from kfp import local
+    from kfp import local  # kfp imports here, once the step server is already warming up
+
+    from kdflow.pipelines.compile import pipeline_arguments
+    from kdflow.pipelines.kdflow_pipeline import build_pipeline
 
     root = home / "pipeline-root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
