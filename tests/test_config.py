@@ -284,3 +284,29 @@ def test_candidate_groups_keep_one_data_stream_per_step():
     assert cfg.candidate_groups() == ["a-kd,a-ce,b-kd", "b-ce", "a-src,b-src"]
     one = load_config(None, {"distill.candidates_per_step": 1})
     assert one.candidate_groups() == [c["name"] for c in one.candidates()]
+
+
+@pytest.mark.parametrize(
+    ("augment", "groups"),
+    [
+        ("none", ["a-kd,a-hint,a-ce", "b-kd,b-hint,b-ce", "a-src,b-src"]),
+        # random crops: the hint candidates (teacher features per batch) apart from the crop-table ones
+        ("crop", ["a-kd,a-ce,b-kd", "b-ce", "a-hint,b-hint", "a-src,b-src"]),
+    ],
+)
+def test_candidate_groups_put_hint_losses_apart_under_augmentation(augment, groups):
+    cfg = load_config(
+        None,
+        {
+            "distill.students": [{"name": "a", "from_pruned": 0.6}, {"name": "b", "from_pruned": 0.75}],
+            "distill.losses": [
+                {"name": "kd", "kind": "kd"},
+                {"name": "hint", "kind": "hint"},
+                {"name": "src", "kind": "kd", "transfer": "both"},
+                {"name": "ce", "kind": "ce"},
+            ],
+            "distill.train": {"augment": augment},
+        },
+    )
+    assert cfg.candidate_groups() == groups
+    assert sorted(",".join(groups).split(",")) == sorted(c["name"] for c in cfg.candidates())

@@ -312,11 +312,20 @@ class Config(_Section):
 
     def candidate_groups(self) -> list[str]:
         """The distill steps' work: candidate names joined by "," in groups of `distill.candidates_per_step`,
-        those whose transfer sets use source images grouped apart (one data stream per step)."""
+        those whose transfer sets use source images grouped apart (one data stream per step). With random
+        augmentation hint losses are grouped apart too: they need the teacher's features on every batch, while
+        the others look its logits up in the teacher step's crop table (`kdflow.train.TeacherOutputs`), which
+        one hint candidate in their step would make them give up."""
         k = self.distill.candidates_per_step
+        augmenting = self.distill.train.augment != "none"
+
+        def kind(c: dict) -> tuple[bool, bool]:
+            loss = LossConfig(**c["loss"])
+            return loss.uses_source_data, augmenting and loss.kind == "hint"
+
         groups: list[list[str]] = []
-        for stream in (False, True):
-            names = [c["name"] for c in self.candidates() if LossConfig(**c["loss"]).uses_source_data == stream]
+        for key in ((False, False), (False, True), (True, False), (True, True)):
+            names = [c["name"] for c in self.candidates() if kind(c) == key]
             groups += [names[i : i + k] for i in range(0, len(names), k)]
         return [",".join(g) for g in groups]
 
