@@ -59,7 +59,7 @@ from common import (
 )
 from torch import nn
 
-from kdflow.train import TeacherOutputs, compute_teacher_outputs, fit, resolve_device, tabulate_augmented
+from kdflow.train import TeacherOutputs, compute_teacher_outputs, fit, resolve_device, tabulate_teacher
 
 SIDES = ("kdflow", "kdflow-step", "plain", "torchdistill")
 KDFLOW_SIDES = ("kdflow", "kdflow-step")
@@ -97,11 +97,9 @@ def teacher_step_outputs(teacher: nn.Module, task: Task, recipe: Recipe, device)
     """What the pipeline's teacher step hands every distill step (`kdflow.steps.save_teacher_outputs`): the
     teacher's logits on the train split, or with random crops a table over every crop, when that pays."""
     teacher.to(device).eval()
-    with torch.no_grad():
-        num_classes = teacher(task.normalizer.to(device)(task.train.x[:1].to(device))).shape[1]
-    if recipe.augment != "none" and not tabulate_augmented(recipe.augment, task.train.x, num_classes, recipe.epochs):
-        return None
-    return compute_teacher_outputs(teacher, task.normalizer, "", task.train.x, augment=recipe.augment)
+    if recipe.augment == "none":
+        return compute_teacher_outputs(teacher, task.normalizer, "", task.train.x)
+    return tabulate_teacher(teacher, task.normalizer, task.train.x, recipe.augment, recipe.epochs)
 
 
 def train_side(

@@ -30,7 +30,7 @@ from kdflow.train import (
     predict,
     resolve_device,
     seed_everything,
-    tabulate_augmented,
+    tabulate_teacher,
     teacher_outputs_key,
 )
 
@@ -260,7 +260,7 @@ def _train_teacher(
 def save_teacher_outputs(cfg: Config, net: nn.Module, norm: data.Normalizer, data_dir: str, manifest: dict, out_dir):
     """The teacher's logits on the distillation transfer sets, computed once here for every distill step and
     epoch, keyed by the teacher's weights and the data's content hash. With random crops: a table over every
-    crop variant of the target images, when `train.tabulate_augmented` finds it pays. Skipped when no loss uses
+    crop variant of the target images, when that pays (`train.tabulate_teacher`). Skipped when no loss uses
     the teacher's logits without its features (hint losses run the teacher per batch under augmentation)."""
     dcfg = cfg.distill
     augment = dcfg.train.augment
@@ -272,12 +272,14 @@ def save_teacher_outputs(cfg: Config, net: nn.Module, norm: data.Normalizer, dat
     x_target, _ = data.load_split(data_dir, "target", "train")
     with_source = augment == "none" and any(losses.uses_source_data(lc) for lc in teacher_losses)
     x_source = data.load_split(data_dir, "source", "train")[0] if with_source else None
-    num_classes = manifest["tasks"]["target"]["num_classes"]
-    if augment != "none" and not tabulate_augmented(augment, x_target, num_classes, dcfg.train.epochs):
-        return
     with timing.compute():
         key = teacher_outputs_key(net, manifest["content_hash"])
-        out = compute_teacher_outputs(net, norm, key, x_target, x_source, augment=augment)
+        if augment == "none":
+            out = compute_teacher_outputs(net, norm, key, x_target, x_source)
+        else:
+            out = tabulate_teacher(net, norm, x_target, augment, dcfg.train.epochs, key)
+    if out is None:  # a table would cost more teacher passes than the distill epochs: they run it per batch
+        return
     blob = {"key": key, "augment": augment, "target": out.target.cpu()}
     if out.source is not None:
         blob["source"] = out.source.cpu()

@@ -194,16 +194,6 @@ FEATURE_CACHE_BYTES = 1 << 30  # teacher hint features larger than this are reco
 TABLE_BYTES = 256 << 20  # teacher-output tables of augmented images larger than this are not built
 
 
-def tabulate_augmented(augment: str, images: torch.Tensor, num_classes: int, epochs: int) -> bool:
-    """Whether a table of the teacher's logits for every augmentation variant of `images` (N, C, H, W) pays: it
-    costs V·N teacher images once, where running the teacher per batch costs epochs·N in every training run
-    (each distill step, each sweep) and the table serves them all. Built when V ≤ epochs and it fits TABLE_BYTES."""
-    if augment == "none":
-        return False
-    variants = augment_variants(augment, images.shape[-2])
-    return variants <= epochs and len(images) * variants * num_classes * 4 <= TABLE_BYTES
-
-
 def teacher_outputs_key(teacher: nn.Module, data_hash: str) -> str:
     """sha256 over the teacher's weights and the dataset's content hash."""
     import hashlib
@@ -271,6 +261,24 @@ def compute_teacher_outputs(
     for tap in taps.values():
         tap.close()
     return out
+
+
+def tabulate_teacher(
+    teacher: nn.Module, normalizer: Normalizer, images: torch.Tensor, augment: str, epochs: int, key: str = ""
+) -> TeacherOutputs | None:
+    """The teacher's logits for every augmentation variant of uint8 `images` (N, C, H, W), when such a table pays,
+    else None. It costs V·N teacher images once, where running the teacher per batch costs epochs·N in every
+    training run (each distill step, each sweep), and it serves them all: built when V ≤ epochs and the table
+    fits in TABLE_BYTES."""
+    variants = augment_variants(augment, images.shape[-2])
+    if augment == "none" or variants > epochs:
+        return None
+    device = next(teacher.parameters()).device
+    with torch.no_grad():  # one image tells the table's class count
+        num_classes = teacher.eval()(normalizer.to(device)(images[:1].to(device))).shape[1]
+    if len(images) * variants * num_classes * 4 > TABLE_BYTES:
+        return None
+    return compute_teacher_outputs(teacher, normalizer, key, images, augment=augment)
 
 
 class _RngSlot:
@@ -374,7 +382,7 @@ def fit_many(
     first epoch, and looked up per batch (or taken from `teacher_outputs`, computed earlier for this teacher and
     data). With random crops they are looked up in a table over every crop variant (`TeacherOutputs`), taken
     from `teacher_outputs` or built here when that costs no more teacher passes than the epochs do
-    (`tabulate_augmented`); otherwise, and whenever a hint loss needs the teacher's features, the teacher runs
+    (`tabulate_teacher`); otherwise, and whenever a hint loss needs the teacher's features, the teacher runs
     on every batch.
 
     Under torch.distributed with several processes (`kdflow.distributed`), each student (and hint adapter)
@@ -450,11 +458,9 @@ def fit_many(
     if distilling and cfg.augment != "none" and not t_layers:
         if teacher_outputs is not None and teacher_outputs.augment == cfg.augment:
             table = teacher_outputs.target.to(device)  # (N, V, K)
-        elif teacher is not None and augment_variants(cfg.augment, train.x.shape[-2]) <= cfg.epochs:
-            with torch.no_grad():  # one image tells the table's class count
-                num_classes = teacher(normalizer(train.x[:1])).shape[1]
-            if tabulate_augmented(cfg.augment, train.x, num_classes, cfg.epochs):
-                table = compute_teacher_outputs(teacher, normalizer, "", train.x, augment=cfg.augment).target
+        elif teacher is not None:
+            built = tabulate_teacher(teacher, normalizer, train.x, cfg.augment, cfg.epochs)
+            table = built.target if built is not None else None
     if distilling and teacher is None and (cached is None and table is None or use_source and table is not None):
         raise ValueError(
             f"augment={cfg.augment!r}: the teacher's outputs are not all in teacher_outputs, so the teacher is needed"
