@@ -288,7 +288,8 @@ def save_teacher_outputs(cfg: Config, net: nn.Module, norm: data.Normalizer, dat
 
 def load_teacher_outputs(teacher: nn.Module, manifest: dict, teacher_dir: str) -> TeacherOutputs | None:
     """The teacher step's cached logits if they belong to exactly this teacher and data, else None (the
-    distill step then runs the teacher itself). `train.fit_many` uses them only for their augmentation."""
+    distill step then runs the teacher itself). `train.fit_many` uses them only when it trains with the
+    augmentation they were computed for."""
     path = Path(teacher_dir) / TEACHER_OUTPUTS_FILE
     if not path.is_file():
         return None
