@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdflow import distributed
+from kdflow import distributed, malloc
 from kdflow.config import LossConfig, TrainConfig
 from kdflow.data import Normalizer
 from kdflow.losses import HintAdapter, needs_teacher, objective, uses_source_data
@@ -233,6 +233,8 @@ def compute_teacher_outputs(
     if augment != "none" and (source is not None or feature_layers):
         raise ValueError("with random augmentation only the target split's logits are tabulated")
     device = next(teacher.parameters()).device
+    if device.type == "cpu":
+        malloc.keep_freed_blocks()
     teacher.eval()
     if target.dim() == 4:
         teacher.to(memory_format=torch.channels_last)
@@ -395,6 +397,8 @@ def fit_many(
     """
     if not students:
         raise ValueError("fit_many needs at least one student")
+    if device.type == "cpu":
+        malloc.keep_freed_blocks()
     if isinstance(teacher, nn.parallel.DistributedDataParallel):
         raise ValueError("the teacher is frozen and only runs forward: pass the bare module, not a DDP wrapper")
     for s in students:
