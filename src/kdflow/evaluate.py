@@ -100,14 +100,16 @@ def classification_report(
 
 
 def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
-    """A matplotlib figure of the confusion matrix (counts in the cells)."""
+    """A matplotlib figure of the confusion matrix, counts in the non-empty cells (empty ones stay blank: easier
+    to read, and a tenth of the text to lay out for a good model)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * n, 0.8 + 0.45 * n))
+    # layout="tight" lays out while saving: tight_layout() would draw the whole figure once more first
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * n, 0.8 + 0.45 * n), layout="tight")
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(n), classes, rotation=90 if n > 10 else 0, fontsize=7)
     ax.set_yticks(range(n), classes, fontsize=7)
@@ -115,16 +117,14 @@ def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
     if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                ax.text(
-                    j,
-                    i,
-                    int(cm[i, j]),
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="white" if cm[i, j] > cm.max() / 2 else "black",
-                )
-    fig.tight_layout()
+        for i, j in zip(*np.nonzero(cm)):
+            ax.text(
+                j,
+                i,
+                int(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if cm[i, j] > cm.max() / 2 else "black",
+            )
     return fig

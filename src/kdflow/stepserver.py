@@ -12,6 +12,7 @@ in-process. Linux only (fork); elsewhere the local runner runs steps the plain w
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -138,9 +139,18 @@ def _warm_up() -> None:
     import torch._export.serde.serialize  # noqa: F401
     import torch._functorch.aot_autograd  # noqa: F401
     import torch.export  # noqa: F401
+    import torch.export._trace  # noqa: F401  (what export() itself loads on first use)
     import torch_pruning  # noqa: F401
 
     from kdflow import entrypoints, evaluate, pruning, steps  # noqa: F401
+
+    # what MLflow's start_run imports on the side: IPython (its Databricks probe looks for a notebook shell,
+    # 0.2 s in every step otherwise) and GitPython (the run's source-version tag). Both optional.
+    for optional in ("IPython", "git"):
+        try:
+            importlib.import_module(optional)
+        except ImportError:
+            pass
 
     # MLflow's map of installed packages, which its model logging builds by scanning every installed
     # distribution (over a second). A private helper, so only tried: without it each step builds the map.
