@@ -223,5 +223,26 @@ def submit(
     console.print(f"[green]run {run.state}[/green]")
 
 
+def main() -> None:
+    """The console entry point: the typer app, then a fast exit.
+
+    The command's own work ends with its exit code; what remains is the interpreter tearing down the thousands
+    of modules kfp, MLflow and pandas loaded (0.3-0.6 s here). Exit handlers still run and output is flushed,
+    then the process leaves without that teardown."""
+    import atexit
+
+    try:
+        app()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if done.code is not None and not isinstance(done.code, int):
+            print(done.code, file=sys.stderr)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()
