@@ -27,11 +27,15 @@ def test_builtin_default_is_valid():
     assert {s.from_pruned for s in cfg.distill.students} <= set(cfg.prune.ratios)
 
 
-@pytest.mark.skipif(not DEFAULT_YAML.is_file(), reason="configs/default.yaml not written yet")
-def test_default_yaml_loads():
-    cfg = load_config(DEFAULT_YAML)
-    assert isinstance(cfg, Config)
-    assert cfg.candidates()  # at least one student × loss
+def test_default_yaml_spells_out_the_builtin_default():
+    assert load_config(DEFAULT_YAML) == Config()
+
+
+def test_config_names_exactly_the_architectures_models_builds():
+    from kdflow import models
+    from kdflow.config import ARCHITECTURES
+
+    assert set(ARCHITECTURES) == set(models.MODELS)
 
 
 # ------------------------------------------------------------------------------------------ unknown keys
@@ -74,6 +78,13 @@ def test_every_bad_key_is_reported_at_once():
         ({"registry": {"alias": "1bad"}}, "registry.alias", "'1bad'"),
         ({"device": "tpu"}, "device", "'tpu'"),
         ({"distill": {"train": {"optimizer": "adam"}}}, "distill.train.optimizer", "'adam'"),
+        ({"teacher": {"arch": "resnet19"}}, "teacher.arch", "'resnet19'"),
+        ({"distill": {"students": [{"name": "s", "arch": "vgg"}]}}, "distill.students.0.arch", "'vgg'"),
+        ({"evaluate": {"latency_batch_sizes": [64]}}, "evaluate.latency_batch_sizes", "must include 1"),
+        ({"evaluate": {"latency_batch_sizes": [1, 0]}}, "evaluate.latency_batch_sizes", "[1, 0]"),
+        ({"evaluate": {"latency_batch_sizes": [1, 1]}}, "evaluate.latency_batch_sizes", "must be distinct"),
+        ({"data": {"target_classes": [3, 3, 4]}}, "data.target_classes", "must be distinct, got [3, 3, 4]"),
+        ({"data": {"source_classes": [-1, 2]}}, "data.source_classes", "0 or more, got [-1, 2]"),
     ],
 )
 def test_out_of_range_value_names_key_and_value(data, key, shown):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from kdflow.train import (
     augment_variant,
     augment_variants,
     augment_with_variant,
+    batch_bounds,
     fit,
     predict,
 )
@@ -292,9 +295,40 @@ def test_fit_restores_the_best_epoch_weights():
     assert all(torch.equal(snapshots[res.best_epoch][k], final[k]) for k in final)
 
 
-def test_fit_sgd_without_momentum():
-    res = train_quadrants(cnn(4), cfg(1, momentum=0.0))
+def test_fit_sgd_without_momentum_takes_a_plain_gradient_step():
+    model = cnn(4)
+    ref = copy.deepcopy(model)
+    after: dict[str, torch.Tensor] = {}
+    one_step = cfg(1, momentum=0.0, weight_decay=0.0, batch_size=len(TRAIN))  # one full batch, no augmentation
+    res = train_quadrants(model, one_step, on_epoch=lambda e, m: after.update(state(model)))
     assert len(res.history) == 1
+    ref.train()
+    nn.functional.cross_entropy(ref(NORM(TRAIN.x)), TRAIN.y).backward()
+    for name, p in ref.named_parameters():  # w <- w - lr * grad, nothing else
+        torch.testing.assert_close(after[name], p.detach() - one_step.lr * p.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "n, size, expected",
+    [
+        (64, 64, [(0, 64)]),
+        (65, 64, [(0, 65)]),  # a lone last sample joins the batch before it
+        (129, 32, [(0, 32), (32, 64), (64, 96), (96, 129)]),
+        (130, 64, [(0, 64), (64, 128), (128, 130)]),
+        (1, 64, [(0, 1)]),
+    ],
+)
+def test_batch_bounds(n, size, expected):
+    assert batch_bounds(n, size) == expected
+
+
+def test_fit_never_trains_batchnorm_on_a_lone_sample():
+    """A layer whose output is 1×1 cannot batch-normalise one sample: 65 images at batch 64 must still train."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 8), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4, 4))
+    sixty_five = Split(TRAIN.x[:65], TRAIN.y[:65])
+    res = fit(model, sixty_five, VAL, cfg(2, batch_size=64), NORM, seed=0, device=CPU)
+    assert len(res.history) == 2
 
 
 def test_fit_zero_epochs_keeps_the_initial_weights():
@@ -348,6 +382,43 @@ def test_fit_hint_with_wider_teacher_trains(teacher):
     assert {"train_ce", "train_kd", "train_hint"} <= set(res.history[0])
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in res.history)
     assert not model.features._forward_hooks and not teacher.features._forward_hooks  # taps removed
+
+
+@pytest.mark.parametrize("transfer", ["target", "source", "both"])
+def test_kd_term_is_measured_on_the_configured_transfer_set(teacher, transfer):
+    """One full-batch step: the logged KD term is exactly T²·KL(teacher ‖ student) of the initial student on
+    the transfer set the config names (target images, source images, or both), and on no other."""
+    from kdflow import losses
+
+    source = quadrants(len(TRAIN), 3)  # as many as the target: one full batch covers each source image once
+    torch.manual_seed(0)  # no BatchNorm: train and eval mode give the same logits
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4)
+    )
+    start = copy.deepcopy(model).eval()
+    loss = LossConfig(name="kd", kind="kd", alpha=1.0, temperature=3.0, transfer=transfer)
+    res = fit(
+        model,
+        TRAIN,
+        VAL,
+        cfg(1, batch_size=len(TRAIN)),
+        NORM,
+        seed=0,
+        device=CPU,
+        loss=loss,
+        teacher=teacher,
+        source=source if transfer != "target" else None,
+    )
+
+    def kd_on(x):
+        with torch.no_grad():
+            return float(losses.kd_kl(start(NORM(x)), teacher.eval()(NORM(x)), 3.0))
+
+    expected = {"target": TRAIN.x, "source": source.x, "both": torch.cat([TRAIN.x, source.x])}
+    values = {k: kd_on(x) for k, x in expected.items()}
+    assert res.history[0]["train_kd"] == pytest.approx(values[transfer], rel=1e-5)
+    others = [v for k, v in values.items() if k != transfer]
+    assert all(abs(v - values[transfer]) > 1e-3 for v in others)  # the sets give distinguishable values
 
 
 @pytest.mark.parametrize("kind", ["kd", "logit_mse", "hint"])

@@ -114,7 +114,10 @@ def test_cli_compile_writes_yaml_and_rejects_bad_config(tmp_path):
     out = tmp_path / "pipeline.yaml"
     result = runner.invoke(app, ["compile", "--output", str(out), "--set", "distill.train.epochs=3"])
     assert result.exit_code == 0, result.output
-    assert yaml.safe_load_all(out.read_text())
+    spec = next(yaml.safe_load_all(out.read_text()))
+    assert spec["pipelineInfo"]["name"] == "kdflow"
+    baked = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"])
+    assert baked["distill"]["train"]["epochs"] == 3  # the --set override became the run parameter's default
     bad = tmp_path / "bad.yaml"
     bad.write_text("distill:\n  train:\n    epochz: 3\n")
     result = runner.invoke(app, ["compile", "--config", str(bad), "--output", str(tmp_path / "x.yaml")])

@@ -7,7 +7,15 @@ import itertools
 import pytest
 
 from kdflow.config import PolicyConfig, RegistryConfig
-from kdflow.registry import TEST_HASH_TAG, Candidate, beats, current_champion, register_and_promote, select
+from kdflow.registry import (
+    TEST_HASH_TAG,
+    Candidate,
+    beats,
+    check_metrics,
+    current_champion,
+    register_and_promote,
+    select,
+)
 
 TEACHER = {"params": 1000.0, "val_top1": 0.8, "val_loss": 0.5}
 
@@ -139,6 +147,27 @@ def test_ties_broken_by_fewer_params_then_name():
         assert select(list(perm), only(), TEACHER).best.name == "b"
 
 
+def test_accuracy_ties_broken_by_lower_val_loss_before_params():
+    cs = [cand("a", val_top1=0.9, val_loss=0.3, params=10), cand("b", val_top1=0.9, val_loss=0.2, params=90)]
+    for perm in itertools.permutations(cs):
+        assert select(list(perm), only(), TEACHER).best.name == "b"
+
+
+@pytest.mark.parametrize(
+    "kw, classes, key",
+    [
+        ({"policy": PolicyConfig(metric="val_top5")}, 5, "registry.policy.metric: val_top5"),
+        ({"champion_metric": "test_top5"}, 3, "registry.champion_metric: test_top5"),
+    ],
+)
+def test_top5_settings_need_more_than_five_classes(kw, classes, key):
+    cfg = RegistryConfig(**kw)
+    with pytest.raises(ValueError, match=f"^{key} is not measured for a target task of {classes} classes"):
+        check_metrics(cfg, classes)
+    check_metrics(cfg, 6)  # measured from 6 classes on
+    check_metrics(RegistryConfig(), 2)  # top-1 always is
+
+
 def test_val_loss_ties_broken_by_fewer_params():
     cs = [
         cand("a", val_loss=0.2, params=80),
@@ -186,7 +215,7 @@ def store(tmp_path_factory):
     uses its own registered model name. MLflow's process-wide URIs and the MLFLOW_* variables that
     `mlflow.set_tracking_uri` exports are put back afterwards, so later tests see the environment they
     expect."""
-    mlflow = pytest.importorskip("mlflow")
+    import mlflow
     from mlflow import MlflowClient
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -422,3 +451,11 @@ def test_champion_that_cannot_be_rescored_leaves_the_registry_untouched(store):
     assert [int(v.version) for v in client.search_model_versions("name='untouched'")] == [1]
     assert client.search_model_versions("name='untouched-t'") == []
     assert champion_version(client, "untouched") == 1
+
+
+def test_gate_metric_missing_fails_before_anything_is_registered(store):
+    client, exp = store
+    cfg = registry_cfg("no-top5", champion_metric="test_top5")  # the candidates only have test_top1
+    with pytest.raises(ValueError, match=r"candidates \['a'\] have no 'val_top1' or 'test_top5' metric"):
+        register_and_promote(client, cfg, [logged(exp, "a", 0.8, 0.8)], TEACHER, "h1", Rescore(), teacher_uri=None)
+    assert client.search_model_versions("name='no-top5'") == []

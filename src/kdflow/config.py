@@ -2,7 +2,7 @@
 
 Every section forbids unknown keys and checks ranges, so a typo or a bad value fails before any work starts,
 with a message that names the offending key. `Config()` with no arguments is the built-in default run
-(digits, offline, a few minutes on a laptop CPU); `configs/default.yaml` spells the same values out.
+(digits, offline, seconds on a laptop CPU); `configs/default.yaml` spells the same values out.
 """
 
 from __future__ import annotations
@@ -17,6 +17,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 class ConfigError(ValueError):
     """A configuration that cannot be run; the message names the offending key and value."""
+
+
+# the architectures `kdflow.models.MODELS` builds, named here so a config is checked without importing torch
+# (a test keeps the two lists equal)
+ARCHITECTURES = (
+    "cnn",
+    "resnet20",
+    "resnet32",
+    "resnet56",
+    "resnet8x4",
+    "resnet32x4",
+    "resnet18",
+    "mobilenet_v3_small",
+)
+Architecture = Literal[ARCHITECTURES]
+
+
+def _distinct(values: list[int] | None, what: str) -> list[int] | None:
+    if values is not None and len(set(values)) != len(values):
+        raise ValueError(f"{what} must be distinct, got {values}")
+    return values
 
 
 class _Section(BaseModel):
@@ -43,6 +64,13 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.3, gt=0.0, lt=0.5)
     root: str = "~/.cache/kdflow/datasets"
     download: bool = True
+
+    @field_validator("source_classes", "target_classes")
+    @classmethod
+    def _classes_distinct(cls, classes: list[int] | None) -> list[int] | None:
+        if classes is not None and any(c < 0 for c in classes):
+            raise ValueError(f"class indices must be 0 or more, got {classes}")
+        return _distinct(classes, "class indices")
 
     @model_validator(mode="after")
     def _check_setup(self) -> DataConfig:
@@ -88,7 +116,7 @@ class TrainConfig(_Section):
 class TeacherConfig(_Section):
     """The big network: pretrained on the source task, fine-tuned on the target task with a new head."""
 
-    arch: str = "cnn"
+    arch: Architecture = "cnn"
     arch_kwargs: dict[str, Any] = Field(default_factory=lambda: {"width": 32})
     pretrained: str | None = None
     pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, lr=0.05))
@@ -120,7 +148,7 @@ class StudentConfig(_Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
     from_pruned: float | None = None
-    arch: str | None = None
+    arch: Architecture | None = None
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -131,7 +159,7 @@ class StudentConfig(_Section):
 
 
 class LossConfig(_Section):
-    """How a student learns: the objective kind and its weights (see `kdflow.losses.OBJECTIVES`)."""
+    """How a student learns: the objective kind and its weights (see `kdflow.losses.objective`)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
     kind: Literal["ce", "kd", "logit_mse", "hint"]
@@ -188,11 +216,20 @@ class DistillConfig(_Section):
 class EvalConfig(_Section):
     """What evaluation measures and how hard it tries (latency repeats)."""
 
-    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])  # 1 is required: policy, summary
     latency_warmup: int = Field(5, ge=0, le=1000)
     latency_repeats: int = Field(30, ge=1, le=10_000)
     latency_threads: int = Field(1, ge=1, le=256)
     ece_bins: int = Field(15, ge=2, le=1000)
+
+    @field_validator("latency_batch_sizes")
+    @classmethod
+    def _batch_sizes(cls, sizes: list[int]) -> list[int]:
+        if any(b < 1 or b > 65_536 for b in sizes):
+            raise ValueError(f"latency batch sizes must be in [1, 65536], got {sizes}")
+        if 1 not in sizes:  # batch-1 latency feeds the policy's max_latency_ms and the run's summary
+            raise ValueError(f"latency batch sizes must include 1, got {sizes}")
+        return _distinct(sizes, "latency batch sizes")
 
 
 class PolicyConfig(_Section):

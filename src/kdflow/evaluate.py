@@ -6,6 +6,7 @@ then the median of repeated timed runs, so one slow run (a page fault, a schedul
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -85,7 +86,8 @@ def cpu_latency_ms(
 def classification_report(
     logits: torch.Tensor, y: torch.Tensor, num_classes: int, ece_bins: int = 15, prefix: str = "test"
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Top-1 (and top-5 with more than 5 classes), loss, ECE, per-class accuracy; plus the confusion matrix."""
+    """Top-1 (and top-5 with more than 5 classes), loss, ECE, per-class accuracy (of the classes present in the
+    split); plus the confusion matrix."""
     cm = confusion_matrix(logits.argmax(1), y, num_classes)
     m = {
         f"{prefix}_top1": topk_accuracy(logits, y, 1),
@@ -95,7 +97,8 @@ def classification_report(
     if num_classes > 5:
         m[f"{prefix}_top5"] = topk_accuracy(logits, y, 5)
     for i, acc in enumerate(per_class_accuracy(cm)):
-        m[f"{prefix}_class_{i}_acc"] = acc
+        if not math.isnan(acc):  # a class absent from the split has no accuracy (and KFP metrics refuse NaN)
+            m[f"{prefix}_class_{i}_acc"] = acc
     return m, cm
 
 

@@ -27,8 +27,9 @@ class ModelError(ValueError):
 class SmallCNN(nn.Module):
     """Four 3×3 conv-BN-ReLU layers and a linear head; sized for 8×8 to 32×32 inputs.
 
-    `width` sets the first two layers' channels, the last two get 2×width. One max-pool halves inputs of 8 px
-    or more so 8×8 digits and 28×28 MNIST both work; global average pooling makes the head size-independent.
+    `width` sets the first two layers' channels, the last two get 2×width. One max-pool between them halves the
+    input (8×8 digits become 4×4, 28×28 MNIST 14×14; inputs need at least 2 px); global average pooling makes
+    the head size-independent.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32):

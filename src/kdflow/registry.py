@@ -35,6 +35,21 @@ class Selection:
     rejected: dict[str, str]  # candidate name → why it failed the policy
 
 
+TOP5_MIN_CLASSES = 6  # top-5 accuracy is measured only with more than 5 classes (with 5 or fewer it is always 1)
+
+
+def check_metrics(cfg: RegistryConfig, num_classes: int) -> None:
+    """Fail early, naming the setting, when the policy or the gate asks for a metric this task has no value of:
+    top-5 accuracy with 5 classes or fewer."""
+    settings = {"registry.policy.metric": cfg.policy.metric, "registry.champion_metric": cfg.champion_metric}
+    for key, metric in settings.items():
+        if metric.endswith("_top5") and num_classes < TOP5_MIN_CLASSES:
+            raise ValueError(
+                f"{key}: {metric} is not measured for a target task of {num_classes} classes "
+                f"(top-5 needs at least {TOP5_MIN_CLASSES}); use {metric.replace('top5', 'top1')}"
+            )
+
+
 def violations(c: Candidate, policy: PolicyConfig, teacher: dict[str, float]) -> list[str]:
     """Every policy constraint `c` breaks, as readable reasons (empty when it qualifies)."""
     m, out = c.metrics, []
@@ -122,6 +137,12 @@ def register_and_promote(
     """
     import mlflow
 
+    lacking = [c.name for c in candidates if not {cfg.policy.metric, cfg.champion_metric} <= c.metrics.keys()]
+    if lacking:  # checked before anything is registered: no half-written decision
+        raise ValueError(
+            f"candidates {lacking} have no {cfg.policy.metric!r} or {cfg.champion_metric!r} metric "
+            "(registry.policy.metric / registry.champion_metric)"
+        )
     selection = select(candidates, cfg.policy, teacher)
     champ = current_champion(client, cfg)
     previous_score = None

@@ -161,6 +161,8 @@ def train_teacher(ctx: StepContext, data_dir: str, out_dir: str) -> dict:
     With several GPUs (or `cluster.teacher_processes` > 1) this process opens the MLflow run and launches one
     torchrun worker per process (`kdflow.distributed`), which train in DDP; rank 0 logs into the run and writes
     the files, and the metrics are read back from them."""
+    # the class count is known now: a policy metric this task cannot have fails here, not after all the training
+    registry.check_metrics(ctx.cfg.registry, data.read_manifest(data_dir)["tasks"]["target"]["num_classes"])
     nproc = distributed.teacher_processes(ctx.cfg)
     tags = {"kdflow.arch": ctx.cfg.teacher.arch}
     if nproc > 1:
@@ -269,6 +271,7 @@ def save_teacher_outputs(cfg: Config, net: nn.Module, norm: data.Normalizer, dat
         teacher_losses = [lc for lc in teacher_losses if lc.kind != "hint"]
     if not teacher_losses:
         return
+    net = net.to(resolve_device(cfg.device))  # profiling and model logging left it on the CPU
     x_target, _ = data.load_split(data_dir, "target", "train")
     with_source = augment == "none" and any(losses.uses_source_data(lc) for lc in teacher_losses)
     x_source = data.load_split(data_dir, "source", "train")[0] if with_source else None
@@ -427,14 +430,14 @@ def distill(
                 tracking.PIPELINE_RUN_TAG: ctx.pipeline_run_id,
             }
             runs[name] = tracking.open_child_run(ctx.experiment_id, ctx.parent_id, name, "distill", lineage)
-            with tracking.reopen(runs[name]):
-                tracking.log_params(
-                    {
-                        **{f"student.{k}": v for k, v in student_cfg.model_dump().items()},
-                        **{f"loss.{k}": v for k, v in loss_cfg.model_dump().items()},
-                        **{f"train.{k}": v for k, v in cfg.distill.train.model_dump().items()},
-                    }
-                )
+            tracking.log_params(  # into the run, which stays RUNNING until its model is logged
+                {
+                    **{f"student.{k}": v for k, v in student_cfg.model_dump().items()},
+                    **{f"loss.{k}": v for k, v in loss_cfg.model_dump().items()},
+                    **{f"train.{k}": v for k, v in cfg.distill.train.model_dump().items()},
+                },
+                run_id=runs[name],
+            )
             specs[name] = (spec, lineage)
             students[name] = Student(
                 student,

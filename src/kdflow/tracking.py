@@ -100,7 +100,8 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
 
 def close_pipeline_run(experiment_id: str, parent_id: str, succeeded: bool, detail: str = "") -> list[str]:
     """End the parent run with the pipeline's real outcome. A step whose pod was killed (OOM, eviction) never
-    got to end its own run: on failure, children still RUNNING are marked FAILED. Returns their names."""
+    got to end its own run: children still RUNNING are marked FAILED, whatever the outcome (a retry may have
+    succeeded after the kill). Returns their names."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -108,14 +109,15 @@ def close_pipeline_run(experiment_id: str, parent_id: str, succeeded: bool, deta
         [experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'",
     )
-    if not succeeded:
-        for run in stale:
-            client.set_terminated(run.info.run_id, status="FAILED")
+    # every step has ended by now: a child still RUNNING belongs to a pod that died, even when a retry of that
+    # step then succeeded
+    for run in stale:
+        client.set_terminated(run.info.run_id, status="FAILED")
     client.set_tag(parent_id, "kdflow.outcome", "succeeded" if succeeded else "failed")
     if detail:
         client.set_tag(parent_id, "kdflow.outcome_detail", detail[:5000])
     client.set_terminated(parent_id, status="FINISHED" if succeeded else "FAILED")
-    return [run.info.run_name for run in stale] if not succeeded else []
+    return [run.info.run_name for run in stale]
 
 
 @contextlib.contextmanager
@@ -138,10 +140,18 @@ def reopen(run_id: str) -> Iterator:
         yield run
 
 
-def log_params(params: dict[str, Any]) -> None:
+def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
+    """Log params to the active run, or to `run_id` without touching its status (a run still training stays
+    RUNNING: a pod killed mid-training then leaves it RUNNING for the exit handler to mark FAILED)."""
     import mlflow
 
-    mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+    clipped = {k: str(v)[:6000] for k, v in params.items()}
+    if run_id is None:
+        mlflow.log_params(clipped)
+        return
+    items = [mlflow.entities.Param(k, v) for k, v in clipped.items()]
+    for chunk in _chunks(items, 100):
+        mlflow.MlflowClient().log_batch(run_id, params=chunk)
 
 
 def set_tags(tags: dict[str, str]) -> None:

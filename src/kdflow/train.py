@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -471,7 +470,8 @@ def fit_many(
         )
 
     amp, _ = _autocast(device)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    batches = batch_bounds(len(train), cfg.batch_size)
+    steps_per_epoch = len(batches)
     runs: list[_Run] = []
     for s in students:
         seed_everything(seed)  # the state `fit` alone would start this student from
@@ -530,8 +530,8 @@ def fit_many(
             distributed.broadcast_(order)
             if use_source:
                 distributed.broadcast_(src_order)
-        for i in range(steps_per_epoch):
-            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        for lo, hi in batches:
+            idx = order[lo:hi]
             share, weight = _share(len(idx), rank, world, device)
             # the whole global batch is augmented on every rank, so every rank's generator stays in step
             xb_u8, variant = augment_with_variant(train.x[idx], cfg.augment, gen)
@@ -539,7 +539,7 @@ def fit_many(
             yb = _take(train.y[idx], share)
             xs = src_idx = None
             if use_source:
-                j = (torch.arange(len(idx), device=device) + i * cfg.batch_size) % len(source)
+                j = (torch.arange(len(idx), device=device) + lo) % len(source)
                 src_idx = _take(src_order[j], share)
                 xs = normalizer(_take(augment(source.x[src_order[j]], cfg.augment, gen), share))
             if channels_last:
@@ -647,6 +647,16 @@ def _feature_bytes(teacher: nn.Module, normalizer: Normalizer, x: torch.Tensor, 
     with torch.no_grad():
         teacher(normalizer(x[:1]))
     return tap.value.element_size() * tap.value[0].numel()
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) of each batch of an epoch over `n` shuffled samples. A last batch of a single sample joins
+    the one before it: BatchNorm cannot normalise one sample where a layer's output is 1×1 (a resnet18 on small
+    images fails with "Expected more than 1 value per channel"), and a one-sample step is mostly noise."""
+    bounds = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
 
 
 def _share(batch: int, rank: int, world: int, device: torch.device) -> tuple[torch.Tensor | None, float | None]:
