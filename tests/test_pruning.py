@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -78,6 +79,23 @@ def test_small_cnn_param_count_by_formula():
     assert conv_out_channels(model) == [8, 8, 16, 16]
 
 
+@pytest.mark.parametrize("importance", ["l1", "l2", "lamp", "bn_scale"])
+def test_magnitude_criteria_remove_the_weakest_filters(importance, example):
+    """Filters 0-3 of the first conv (with their BN scale and the next conv's matching inputs) are made 1000x
+    weaker: every magnitude criterion must remove exactly those and keep filters 4-7 unchanged."""
+    model = make_cnn()
+    randomize_bn(model)
+    conv1, bn1, conv2 = model.features[0][0], model.features[0][1], model.features[1][0]
+    with torch.no_grad():
+        conv1.weight[:4] *= 1e-3
+        bn1.weight[:4] *= 1e-3
+        bn1.bias[:4] *= 1e-3
+        conv2.weight[:, :4] *= 1e-3
+    strong = conv1.weight[4:].clone()
+    pruning.prune(model, example, 0.5, arch="cnn", importance=importance)
+    assert torch.equal(model.features[0][0].weight, strong)
+
+
 @pytest.mark.parametrize("importance", IMPORTANCES)
 def test_prune_small_cnn_half(importance, example, calibration):
     ratio = 0.5
@@ -127,12 +145,26 @@ def test_prune_keeps_int_c_times_one_minus_ratio(ratio, example):
     assert model(example).shape == (4, 10)
 
 
-def test_prune_global_pruning_shrinks(example):
+def test_prune_global_pruning_ranks_channels_across_layers(example):
+    """Six of the first conv's 8 filters are made 1000x weaker. Global pruning removes half of all 48 channels,
+    ranked together, so it takes those six from the first layer; per-layer pruning takes half of each layer."""
     model = make_cnn()
+    conv1, bn1, conv2 = model.features[0][0], model.features[0][1], model.features[1][0]
+    with torch.no_grad():
+        conv1.weight[:6] *= 1e-3
+        bn1.weight[:6] *= 1e-3
+        bn1.bias[:6] *= 1e-3
+        conv2.weight[:, :6] *= 1e-3
+    strong = conv1.weight[6:].clone()
+    local = copy.deepcopy(model)
     report = pruning.prune(model, example, 0.5, arch="cnn", global_pruning=True)
-    assert report.params_after < report.params_before
-    assert model.classifier.out_features == 10
-    assert model(example).shape == (4, 10)
+    widths = conv_out_channels(model)
+    assert widths[0] == 2 and sum(widths) == 24
+    assert torch.equal(model.features[0][0].weight, strong)
+    assert report.params_after == models.count_params(model) == expected_cnn_params(1, 10, tuple(widths))
+    pruning.prune(local, example, 0.5, arch="cnn", global_pruning=False)
+    assert conv_out_channels(local) == [4, 4, 8, 8]
+    assert model.classifier.out_features == 10 and model(example).shape == (4, 10)
 
 
 def test_prune_round_to_keeps_multiples(example):
