@@ -78,10 +78,22 @@ def test_flops_count_multiply_adds_twice():
     assert evaluate.flops(model, torch.randn(5, 1, 8, 8)) == 2 * (64 * 4 * 9 + 256 * 10)
 
 
-def test_cpu_latency_restores_the_thread_count():
+def test_cpu_latency_is_the_median_after_warm_up_at_the_given_threads(monkeypatch):
+    # the warm-up run reads the clock once (untimed), then timed runs of 1, 3 and 2 ms
+    clock = iter([0.0, 1.0, 1.001, 2.0, 2.003, 3.0, 3.002])
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: next(clock))
+    seen = []
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            seen.append((x.shape[0], torch.get_num_threads()))
+            return super().forward(x)
+
     before = torch.get_num_threads()
-    ms = evaluate.cpu_latency_ms(nn.Linear(4, 2), torch.randn(3, 4), batch_size=2, warmup=1, repeats=3, threads=1)
-    assert ms > 0 and torch.get_num_threads() == before
+    ms = evaluate.cpu_latency_ms(Probe(4, 2), torch.randn(3, 4), batch_size=2, warmup=1, repeats=3, threads=1)
+    assert ms == pytest.approx(2.0)
+    assert seen == [(2, 1)] * 4  # batch 2 built from the example, one intra-op thread while timing
+    assert torch.get_num_threads() == before  # put back afterwards
 
 
 def test_confusion_figure_writes_counts_in_non_empty_cells_only():

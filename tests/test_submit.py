@@ -157,6 +157,16 @@ def test_wait_rides_out_transient_api_errors_and_times_out(kfp_api):
     assert f"error: run {run_id} still RUNNING after 0.3 s (it goes on in the cluster)" in result.output
 
 
+def test_wait_gives_up_after_five_consecutive_api_errors(kfp_api):
+    kfp_api.flaky_polls = 5
+    kfp_api.run_states = ("RUNNING",)
+    result = kdflow_submit("--host", kfp_api.url, "--wait", "--poll-interval", "0.02", "--timeout", "60")
+    assert result.exit_code == 1, result.output
+    (run_id,) = kfp_api.runs
+    assert len(kfp_api.calls("GET", f"/runs/{run_id}")) == 5  # no sixth try, and no waiting out the timeout
+    assert f"getting run {run_id} failed: HTTP 503" in result.output
+
+
 def test_schedule_creates_a_recurring_run_on_kfp_cron(kfp_api, tmp_path):
     result = kdflow_submit(
         *("--host", kfp_api.url, "--run-name", "weekly", "--schedule", "0 3 * * 0"),
