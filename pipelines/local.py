@@ -71,9 +71,43 @@ def run_local(cfg: Config, home: Path, tracking_uri: str | None = None, verbose:
     os.environ.setdefault(TELEMETRY_ENV, "true")
     # kfp.local runs up to two loop iterations at once: each gets its share of the cores (steps read this)
     os.environ.setdefault(stepserver.PARALLEL_THREADS_ENV, str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLELISM)))
-    with stepserver.StepServer(home / "logs" / "step-server.log"):  # warms up while the store is created
+    with home_lock(home), stepserver.StepServer(home / "logs" / "step-server.log"):  # warms up meanwhile
         tracking.ensure_experiment(cfg.experiment, uri)  # creates the SQLite store once, before steps race for it
         return _run(cfg, home, uri, verbose)
+
+
+LOCK_FILE = ".kdflow-run.lock"
+
+
+@contextlib.contextmanager
+def home_lock(home: Path, notice: IO[str] | None = None):
+    """Hold <home>'s lock for one local run; a second `kdflow run` on the same home waits for the first.
+
+    Two runs at once would race to create a new SQLite store (which corrupts it) and could each take the
+    other's pipeline folder for their own. The lock is the kernel's (flock): it goes with the process, however
+    that ends. Where there is no flock (Windows), runs are not serialised."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with (home / LOCK_FILE).open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            print(f"waiting for the other kdflow run on {home} ({holder}) to finish", file=notice or sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _run(cfg: Config, home: Path, uri: str, verbose: bool) -> dict:

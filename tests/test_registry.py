@@ -81,6 +81,11 @@ def test_min_teacher_retention_boundary_and_reason():
     assert sel.best.name == "at"
 
 
+def test_min_teacher_retention_with_a_teacher_that_gets_nothing_right():
+    sel = select([cand("a", val_top1=0.0)], only(min_teacher_retention=0.9), {**TEACHER, "val_top1": 0.0})
+    assert sel.rejected == {} and sel.best.name == "a"  # nothing to retain: no division by zero
+
+
 def test_every_violation_is_listed():
     c = cand("bad", params=500, latency=9.0, val_top1=0.1)
     policy = PolicyConfig(min_compression=4.0, max_params=100, max_latency_ms=1.0, min_teacher_retention=0.5)

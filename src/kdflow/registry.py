@@ -12,6 +12,7 @@ comparable in the registry; only the alias moves or stays.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,7 +63,7 @@ def violations(c: Candidate, policy: PolicyConfig, teacher: dict[str, float]) ->
     if policy.max_latency_ms is not None and m["latency_ms_b1"] > policy.max_latency_ms:
         out.append(f"latency {m['latency_ms_b1']:.3f} ms > {policy.max_latency_ms} ms")
     if policy.min_teacher_retention is not None:
-        retention = m["val_top1"] / teacher["val_top1"]
+        retention = m["val_top1"] / teacher["val_top1"] if teacher["val_top1"] > 0 else math.inf
         if retention < policy.min_teacher_retention:
             out.append(f"teacher retention {retention:.3f} < {policy.min_teacher_retention}")
     return out

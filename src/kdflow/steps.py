@@ -528,7 +528,8 @@ def evaluate_candidates(ctx: StepContext, data_dir: str, teacher_dir: str, stude
             metrics.update(profile(student, norm, data_dir, cfg, cdir))
         t = teacher_info["metrics"]
         metrics["compression"] = t["params"] / metrics["params"]
-        metrics["teacher_retention"] = metrics["test_top1"] / t["test_top1"]
+        if t["test_top1"] > 0:  # a teacher that gets nothing right has nothing to retain
+            metrics["teacher_retention"] = metrics["test_top1"] / t["test_top1"]
         metrics["speedup_b1"] = t["latency_ms_b1"] / metrics["latency_ms_b1"] if "latency_ms_b1" in t else 0.0
         with tracking.reopen(info["run_id"]):
             tracking.log_metrics(metrics)
