@@ -286,6 +286,22 @@ def test_archive_loads_like_the_local_imagefolder(env, calls, tree_a, tmp_path, 
     _assert_same(got, data.load_imagefolder(smaller, 8, 1))
 
 
+def test_archive_skips_macos_metadata_hidden_folders_and_non_images(env, tree_a, tmp_path):
+    png = _files(tree_a)[0].read_bytes()  # real images: if these entries were read they would add data
+    buf = io.BytesIO(_zip(tree_a))
+    with zipfile.ZipFile(buf, "a") as zf:
+        zf.writestr("__MACOSX/0/._img000.png", png)  # what macOS's Finder adds to every zip
+        zf.writestr("__MACOSX/extra/img.png", png)
+        zf.writestr(".hidden/0/img.png", png)
+        zf.writestr("0/.img-preview.png", png)
+        zf.writestr("0/notes.txt", b"not an image")
+    c = _bucket(env, "junk")
+    c.put_object(Bucket="junk", Key="d.zip", Body=buf.getvalue())
+    _assert_same(
+        data.load_source("s3://junk/d.zip", _cfg(tmp_path, "s3://junk/d.zip")), data.load_imagefolder(tree_a, 8, 1)
+    )
+
+
 def _evil_tar(kind: str) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
