@@ -13,6 +13,8 @@ from kdflow.train import (
     Student,
     TeacherOutputs,
     augment_variant,
+    augment_with_variant,
+    batch_bounds,
     compute_teacher_outputs,
     fit,
     fit_many,
@@ -113,14 +115,32 @@ class Counting(nn.Module):
         return self.net(x)
 
 
-@pytest.mark.parametrize(("augment", "expected"), [("none", len(TRAIN)), ("crop", 3 * len(TRAIN))])
-def test_teacher_runs_once_per_image_without_augmentation(teacher, augment, expected):
-    """No augmentation: one pass over the train split for 3 epochs and 3 students. With random crops the
-    teacher must see every new batch: once per image per epoch (shared by the students, not 3× that)."""
+def drawn_pairs(epochs: int, augment: str, batch_size: int = 32, seed: int = 0) -> int:
+    """How many distinct (image, crop variant) pairs of TRAIN `fit_many`'s epochs draw, by replaying its data
+    generator: a permutation per epoch, then each batch's augmentation."""
+    gen = torch.Generator().manual_seed(seed)
+    seen = set()
+    for _ in range(epochs):
+        order = torch.randperm(len(TRAIN), generator=gen)
+        for lo, hi in batch_bounds(len(TRAIN), batch_size):
+            idx = order[lo:hi]
+            _, variant = augment_with_variant(TRAIN.x[idx], augment, gen)
+            seen.update(zip(idx.tolist(), variant.tolist()))
+    return len(seen)
+
+
+@pytest.mark.parametrize("augment", ["none", "crop"])
+def test_teacher_runs_once_per_image_or_crop(teacher, augment):
+    """No augmentation: one pass over the train split for 3 epochs and 3 students. With random crops: once per
+    (image, crop) the epochs draw, shared by the students; a crop drawn again is looked up (plus one image that
+    tells the table its class count)."""
     counting = Counting(teacher)
     students = [Student(cnn(4), KD), Student(cnn(4), MSE), Student(cnn(4), CE)]
     fit_many(students, TRAIN, VAL, cfg(3, augment=augment), NORM, seed=0, device=CPU, teacher=counting)
+    expected = len(TRAIN) if augment == "none" else drawn_pairs(3, "crop") + 1
     assert counting.images == expected
+    if augment == "crop":
+        assert 2 * len(TRAIN) < expected - 1 < 3 * len(TRAIN)  # repeats were drawn and not recomputed
 
 
 def test_precomputed_teacher_outputs_are_used_and_equal_on_the_fly(teacher):
@@ -158,7 +178,7 @@ def test_crop_table_serves_the_random_crops_exactly(teacher, loss):
     table = compute_teacher_outputs(teacher, NORM, "k", TRAIN.x, augment="crop")
     counting = Counting(teacher)
     a, b = cnn(4, seed=1), cnn(4, seed=1)
-    config = cfg(2, augment="crop")  # 2 epochs < 9 variants: without a given table the teacher runs per batch
+    config = cfg(2, augment="crop")  # without a given table, fit fills one as the crops are drawn
     ra = fit(
         a,
         TRAIN,
@@ -183,14 +203,16 @@ def test_crop_table_serves_the_random_crops_exactly(teacher, loss):
         torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("epochs", "expected"), [(8, 8 * len(TRAIN)), (9, 9 * len(TRAIN) + 1)])
-def test_crop_table_built_when_the_epochs_would_see_as_many_crops(teacher, epochs, expected):
-    """8-px crops have 9 variants: 8 epochs run the teacher per batch (8 images per image), 9 epochs build the
-    table (9 per image, plus one to learn the class count) and look every batch up."""
+@pytest.mark.parametrize("epochs", [1, 9, 20])
+def test_crop_table_fills_as_crops_are_drawn(teacher, epochs):
+    """8-px crops have 9 variants. Without a given table the teacher runs once per distinct (image, crop) drawn:
+    N in one epoch, fewer than epochs·N later, never more than the full table's 9·N."""
     counting = Counting(teacher)
     students = [Student(cnn(4), KD), Student(cnn(4), MSE)]
     fit_many(students, TRAIN, VAL, cfg(epochs, augment="crop"), NORM, seed=0, device=CPU, teacher=counting)
-    assert counting.images == expected
+    pairs = drawn_pairs(epochs, "crop")
+    assert counting.images == pairs + 1
+    assert pairs == len(TRAIN) if epochs == 1 else pairs < min(epochs, 9) * len(TRAIN)
 
 
 def test_a_table_for_other_augmentation_is_not_used(teacher):
@@ -209,7 +231,7 @@ def test_a_table_for_other_augmentation_is_not_used(teacher):
         teacher=counting,
         teacher_outputs=table,
     )
-    assert counting.images == len(TRAIN)
+    assert counting.images == len(TRAIN) + 1  # one epoch: each image's crop once, plus the class-count probe
     with pytest.raises(ValueError, match="augment='crop': the teacher's outputs are not all in teacher_outputs"):
         fit(cnn(4), TRAIN, VAL, cfg(1, augment="crop"), NORM, seed=0, device=CPU, loss=KD, teacher_outputs=table)
 

@@ -268,9 +268,9 @@ def tabulate_teacher(
     teacher: nn.Module, normalizer: Normalizer, images: torch.Tensor, augment: str, epochs: int, key: str = ""
 ) -> TeacherOutputs | None:
     """The teacher's logits for every augmentation variant of uint8 `images` (N, C, H, W), when such a table pays,
-    else None. It costs V·N teacher images once, where running the teacher per batch costs epochs·N in every
-    training run (each distill step, each sweep), and it serves them all: built when V ≤ epochs and the table
-    fits in TABLE_BYTES."""
+    else None. It costs V·N teacher images once and serves every training run (each distill step, each sweep),
+    where each run without it costs up to epochs·N (fewer: `fit_many` keeps the crops it has drawn): built when
+    V ≤ epochs and the table fits in TABLE_BYTES."""
     variants = augment_variants(augment, images.shape[-2])
     if augment == "none" or variants > epochs:
         return None
@@ -280,6 +280,20 @@ def tabulate_teacher(
     if len(images) * variants * num_classes * 4 > TABLE_BYTES:
         return None
     return compute_teacher_outputs(teacher, normalizer, key, images, augment=augment)
+
+
+def _empty_table(teacher: nn.Module, normalizer: Normalizer, images: torch.Tensor, augment: str) -> torch.Tensor | None:
+    """An unfilled (N, V, K) table of teacher logits for every augmentation variant of `images`, on the teacher's
+    device, or None when it would not fit in TABLE_BYTES. Filled as the crops are drawn, it runs the teacher on
+    each (image, variant) at most once: never more often than per batch, and less as epochs repeat crops (25
+    epochs over 25 variants draw about 64% of the pairs)."""
+    device = next(teacher.parameters()).device
+    with torch.no_grad():  # one image tells the class count
+        num_classes = teacher.eval()(normalizer.to(device)(images[:1].to(device))).shape[1]
+    variants = augment_variants(augment, images.shape[-2])
+    if len(images) * variants * num_classes * 4 > TABLE_BYTES:
+        return None
+    return torch.empty(len(images), variants, num_classes, device=device)
 
 
 class _RngSlot:
@@ -381,10 +395,10 @@ def fit_many(
 
     Without random augmentation (`cfg.augment == "none"`) the teacher's outputs are computed once, before the
     first epoch, and looked up per batch (or taken from `teacher_outputs`, computed earlier for this teacher and
-    data). With random crops they are looked up in a table over every crop variant (`TeacherOutputs`), taken
-    from `teacher_outputs` or built here when that costs no more teacher passes than the epochs do
-    (`tabulate_teacher`); otherwise, and whenever a hint loss needs the teacher's features, the teacher runs
-    on every batch.
+    data). With random crops they are looked up in a table over every crop variant (`TeacherOutputs`): taken
+    from `teacher_outputs`, or else filled here as the crops are drawn, so the teacher runs once per (image,
+    crop) the epochs draw, never more often than per batch. Without room for the table (TABLE_BYTES), and
+    whenever a hint loss needs the teacher's features, the teacher runs on every batch.
 
     Under torch.distributed with several processes (`kdflow.distributed`), each student (and hint adapter)
     trains in DistributedDataParallel: every rank draws the same global batch of `cfg.batch_size` and trains on
@@ -457,13 +471,16 @@ def fit_many(
             base.source.to(device) if use_source else None,
             {**known, **(fresh.features if fresh else {})},
         )
-    # with random crops: one table over every crop variant of every target image (hints need features: no table)
+    # with random crops: one table over every crop variant of every target image (hints need features: no table).
+    # Given (the teacher step's), it is complete; else it starts empty and each (image, crop) the epochs draw is
+    # run through the teacher once, the first time it is drawn (`filled` marks those)
+    filled = None
     if distilling and cfg.augment != "none" and not t_layers:
         if teacher_outputs is not None and teacher_outputs.augment == cfg.augment:
             table = teacher_outputs.target.to(device)  # (N, V, K)
         elif teacher is not None:
-            built = tabulate_teacher(teacher, normalizer, train.x, cfg.augment, cfg.epochs)
-            table = built.target if built is not None else None
+            table = _empty_table(teacher, normalizer, train.x, cfg.augment)
+            filled = torch.zeros(table.shape[:2], dtype=torch.bool, device=device) if table is not None else None
     if distilling and teacher is None and (cached is None and table is None or use_source and table is not None):
         raise ValueError(
             f"augment={cfg.augment!r}: the teacher's outputs are not all in teacher_outputs, so the teacher is needed"
@@ -562,7 +579,14 @@ def fit_many(
                                 else f["target"][b_idx]
                             )
                 elif table is not None:  # this batch's crops, looked up; source images go through the teacher
-                    t_out["target"] = table[b_idx, _take(variant, share)]
+                    b_var = _take(variant, share)
+                    if filled is not None:  # crops drawn for the first time: through the teacher, into the table
+                        new = ~filled[b_idx, b_var]
+                        if new.any():
+                            with torch.no_grad(), amp:
+                                table[b_idx[new], b_var[new]] = teacher(_nhwc(xb[new])).float()
+                            filled[b_idx[new], b_var[new]] = True
+                    t_out["target"] = table[b_idx, b_var]
                     t_out["source"] = None
                     if use_source:
                         with torch.no_grad(), amp:
