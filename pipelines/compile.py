@@ -21,8 +21,7 @@ def pipeline_arguments(cfg: Config, tracking_uri: str = "") -> dict:
 def cluster_settings(cfg: Config) -> ClusterConfig:
     """The config's cluster section, with data-prep caching off when data comes from s3://: the objects behind
     a URI can change while the config (KFP's cache key) stays the same."""
-    from_s3 = any(str(spec or "").startswith("s3://") for spec in (cfg.data.source, cfg.data.target))
-    return cfg.cluster.model_copy(update={"cache_data_prep": False}) if from_s3 else cfg.cluster
+    return cfg.cluster.model_copy(update={"cache_data_prep": False}) if cfg.data.from_object_store else cfg.cluster
 
 
 def compile_pipeline(cfg: Config, out: str | Path, tracking_uri: str = "") -> Path:

@@ -127,6 +127,34 @@ def test_a_compiled_package_is_submitted_as_is(kfp_api, tmp_path):
     assert {r.headers.get("authorization") for r in kfp_api.requests} == {None}  # no token anywhere
 
 
+def _data_prep_caching(pipeline_spec: dict) -> dict:
+    spec = ir(pipeline_spec)
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    return tasks["data-prep"]["cachingOptions"]
+
+
+@pytest.mark.parametrize("schedule", [None, "@daily"])
+def test_s3_data_is_never_served_from_the_cache_whatever_the_package_was_compiled_with(kfp_api, tmp_path, schedule):
+    """A package compiled from an offline config caches data prep; sent with a config that reads s3://, the run
+    (and every scheduled run, which all send the same config: KFP's cache key) must fetch the objects again."""
+    package = tmp_path / "pkg.yaml"
+    assert CliRunner().invoke(app, ["compile", "-o", str(package)]).exit_code == 0
+    assert _data_prep_caching(next(yaml.safe_load_all(package.read_text()))) == {"enableCache": True}
+    s3_cfg = load_config(None, {"data.source": "s3://kdflow-data/digits/", "data.image_size": 8})
+    args = ["--host", kfp_api.url, "--package", str(package), "--param", f"config_json={s3_cfg.to_json()}"]
+    result = kdflow_submit(*args, *(["--schedule", schedule] if schedule else []))
+    assert result.exit_code == 0, result.output
+    (req,) = kfp_api.calls("POST", "/recurringruns" if schedule else "/runs")
+    assert _data_prep_caching(req.body["pipeline_spec"]) == {}  # {} = caching off in the IR
+
+    offline = kdflow_submit("--host", kfp_api.url, "--package", str(package))  # the package's own config: as is
+    assert offline.exit_code == 0, offline.output
+    req = kfp_api.calls("POST", "/runs")[-1]
+    assert _data_prep_caching(req.body["pipeline_spec"]) == {"enableCache": True}
+
+
 @pytest.mark.parametrize(
     "states, code, last_line, polls",
     [

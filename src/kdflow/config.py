@@ -65,6 +65,11 @@ class DataConfig(_Section):
     root: str = "~/.cache/kdflow/datasets"
     download: bool = True
 
+    @property
+    def from_object_store(self) -> bool:
+        """Data read from s3:// URIs, whose objects can change while the config (KFP's cache key) stays the same."""
+        return any(str(uri or "").startswith("s3://") for uri in (self.source, self.target))
+
     @field_validator("source_classes", "target_classes")
     @classmethod
     def _classes_distinct(cls, classes: list[int] | None) -> list[int] | None:

@@ -358,6 +358,9 @@ class Plan:
     experiment: str
     name: str
     cron: str | None = None
+    # the run's config reads s3:// data: no step may come from KFP's cache, whatever config the package was
+    # compiled with (the objects can change while the config, KFP's cache key, stays the same)
+    uncached: bool = False
 
 
 def plan(
@@ -377,7 +380,8 @@ def plan(
     experiment = experiment or (cfg.experiment if cfg else None)
     if not experiment:
         raise SubmitError("no experiment: pass --experiment (the package carries no kdflow config to take it from)")
-    return Plan(Path(package), values, experiment, run_name or default_run_name(experiment), cron)
+    uncached = cfg is not None and cfg.data.from_object_store
+    return Plan(Path(package), values, experiment, run_name or default_run_name(experiment), cron, uncached)
 
 
 def open_client(host: str, auth: Auth, namespace: str | None = None):
@@ -387,8 +391,27 @@ def open_client(host: str, auth: Auth, namespace: str | None = None):
     return connect(host, auth, namespace), namespace
 
 
+def without_caching(package: Path, out: Path) -> Path:
+    """A copy of `package` with caching off for every task, in every DAG (kfp.Client's `enable_caching` only
+    reaches the root DAG's tasks, and kdflow's steps sit inside the exit handler's)."""
+    docs = list(yaml.safe_load_all(package.read_text()))
+    spec = docs[0]
+    for dag in [spec["root"].get("dag", {}), *(c.get("dag", {}) for c in spec.get("components", {}).values())]:
+        for task in dag.get("tasks", {}).values():
+            task["cachingOptions"] = {}  # what the compiler writes for a task with caching off
+    out.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return out
+
+
 def submit(client, host: str, plan: Plan, namespace: str | None = None) -> Submission:
     """Create the run (or, with a cron, the recurring run) in the plan's experiment, creating the experiment."""
+    if plan.uncached:
+        import dataclasses
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="kdflow-submit-") as tmp:
+            package = without_caching(plan.package, Path(tmp) / plan.package.name)
+            return submit(client, host, dataclasses.replace(plan, package=package, uncached=False), namespace)
     experiment_id, created = ensure_experiment(client, host, plan.experiment, namespace)
     common = dict(
         name=plan.name,
