@@ -32,7 +32,8 @@ class KfpStandIn:
     run_states: tuple[str, ...] = ("RUNNING", "SUCCEEDED")
     multi_user: bool = False
     token: str | None = None  # when set, requests without `Authorization: Bearer <token>` get 401
-    flaky_polls: int = 0  # the first n GETs of a run answer 503, as a restarting API server would
+    flaky_polls: int = 0  # the first n GETs of a run answer `flaky_status`, as a restarting API server would
+    flaky_status: int = 503  # or 429, an API asking clients to slow down
     experiments: dict[str, dict] = field(default_factory=dict)
     runs: dict[str, dict] = field(default_factory=dict)
     recurring_runs: dict[str, dict] = field(default_factory=dict)
@@ -119,7 +120,7 @@ class KfpStandIn:
         if m == "GET" and path.startswith("/runs/") and path[6:] in self.runs:
             if self.flaky_polls > 0:
                 self.flaky_polls -= 1
-                return 503, {"code": 14, "message": "upstream connect error"}
+                return self.flaky_status, {"code": 14, "message": "upstream connect error"}
             return 200, self._poll_run(path[6:])
         if m == "POST" and path == "/recurringruns":
             rid = f"recurring-{next(self._ids)}"

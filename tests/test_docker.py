@@ -413,14 +413,24 @@ def test_minio_init_creates_buckets_and_a_scoped_user_and_can_run_again(compose,
         f"admin user info kdflow {env['AWS_ACCESS_KEY_ID']}",
     ]
     policy = json.loads((tmp_path / "s.policy.json").read_text())
-    assert policy["Statement"] == [
+    buckets = (env["MLFLOW_BUCKET"], env["DATA_BUCKET"])
+    assert policy["Statement"] == [  # objects read and written, nothing else (no bucket deletion or policy)
         {
             "Effect": "Allow",
-            "Action": ["s3:*"],
-            "Resource": [
-                f"arn:aws:s3:::{b}{suffix}" for b in (env["MLFLOW_BUCKET"], env["DATA_BUCKET"]) for suffix in ("", "/*")
+            "Action": ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"],
+            "Resource": [f"arn:aws:s3:::{b}" for b in buckets],
+        },
+        {
+            "Effect": "Allow",
+            "Action": [
+                "s3:GetObject",
+                "s3:PutObject",
+                "s3:DeleteObject",
+                "s3:AbortMultipartUpload",
+                "s3:ListMultipartUploadParts",
             ],
-        }
+            "Resource": [f"arn:aws:s3:::{b}/*" for b in buckets],
+        },
     ]
     again = _run_init(compose, tmp_path)  # attach now fails (already attached), the check still passes
     assert again.returncode == 0, again.stderr

@@ -109,6 +109,30 @@ def test_image_from_package_version_and_no_kfp_install(tmp_path):
         assert "pip install" not in " ".join(container["command"]), name
 
 
+def test_image_repository_and_tag_from_the_environment(tmp_path):
+    """What `make push` builds is what the compiled pipeline runs: both read the same two variables."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KDFLOW_IMAGE_REPOSITORY": "registry.example.com/ml/kdflow", "KDFLOW_IMAGE_TAG": "abc1234"}
+    out = tmp_path / "p.yaml"
+    done = subprocess.run(
+        [sys.executable, "-m", "kdflow.cli", "compile", "-o", str(out)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    spec = next(yaml.safe_load_all(out.read_text()))
+    images = {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example.com/ml/kdflow:abc1234"}
+    make = subprocess.run(
+        [sys.executable, "-c", "from kdflow.components.image import IMAGE; print(IMAGE)"],
+        env={**env, "KDFLOW_IMAGE_TAG": ""},  # empty: the version
+        capture_output=True,
+        text=True,
+    )
+    assert make.stdout.strip() == f"registry.example.com/ml/kdflow:{__version__}"
+
+
 def test_cli_compile_writes_yaml_and_rejects_bad_config(tmp_path):
     runner = CliRunner()
     out = tmp_path / "pipeline.yaml"

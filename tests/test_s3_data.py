@@ -251,6 +251,10 @@ def test_offline_uses_the_cache_without_contacting_the_store(env, calls, tree_a,
     calls.clear()
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     _assert_same(data.load_source("s3://offline/d/", cfg.model_copy(update={"download": False})), online)
+    # the same folder spelled without its trailing slash finds the same cache
+    _assert_same(data.load_source("s3://offline/d", cfg.model_copy(update={"download": False})), online)
+    root = data.s3_cache_root(cfg)
+    assert s3.cached_lineage("s3://offline/d", root) == s3.cached_lineage("s3://offline/d/", root) is not None
     assert calls == []
 
 

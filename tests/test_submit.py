@@ -175,13 +175,14 @@ def test_wait_follows_the_run_to_its_final_state(kfp_api, states, code, last_lin
     assert result.output.splitlines()[-1] == last_line
 
 
-def test_wait_rides_out_transient_api_errors_and_times_out(kfp_api):
-    kfp_api.flaky_polls = 2
+@pytest.mark.parametrize("status", [503, 429])
+def test_wait_rides_out_transient_api_errors_and_times_out(kfp_api, status):
+    kfp_api.flaky_polls, kfp_api.flaky_status = 2, status
     kfp_api.run_states = ("RUNNING",)
     result = kdflow_submit("--host", kfp_api.url, "--wait", "--poll-interval", "0.02", "--timeout", "0.3")
     assert result.exit_code == 1, result.output
     (run_id,) = kfp_api.runs
-    assert "state: RUNNING" in result.output  # the two 503s did not end the wait
+    assert "state: RUNNING" in result.output  # the two errors did not end the wait
     assert f"error: run {run_id} still RUNNING after 0.3 s (it goes on in the cluster)" in result.output
 
 
@@ -228,6 +229,7 @@ def test_schedule_creates_a_recurring_run_on_kfp_cron(kfp_api, tmp_path):
         (["--package", "nowhere.yaml"], "pipeline package not found: nowhere.yaml"),
         (["--package", "p.yaml", "--set", "seed=1"], "pass either --package or --config/--set"),
         (["--set", "seed=-1"], "seed: Input should be greater than or equal to 0"),
+        (["--wait", "--poll-interval", "0"], "Invalid value for '--poll-interval'"),
     ],
 )
 def test_bad_input_fails_before_any_request(kfp_api, args, message):

@@ -154,7 +154,9 @@ def submit(
     ),
     wait: bool = typer.Option(False, "--wait", help="Follow the run to its end; exit 1 unless it succeeded."),
     timeout: float = typer.Option(86400.0, min=0, help="With --wait: give up after this many seconds."),
-    poll_interval: float = typer.Option(15.0, min=0, help="With --wait: seconds between status checks."),
+    poll_interval: float = typer.Option(
+        15.0, min=0.01, help="With --wait: seconds between status checks (not 0: that would hammer the API)."
+    ),
     schedule: str | None = typer.Option(
         None,
         help="Create a recurring run instead, on this cron (UTC): 6 fields with seconds first as KFP expects, "

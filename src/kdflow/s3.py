@@ -52,6 +52,11 @@ class Location:
     def is_archive(self) -> bool:
         return self.key.lower().endswith(ARCHIVE_SUFFIXES)
 
+    @property
+    def canonical(self) -> str:
+        """One spelling per location, as the cache's marker records it: `s3://b/digits` is `s3://b/digits/`."""
+        return f"{SCHEME}{self.bucket}/{self.key}"
+
 
 @dataclass
 class Fetched:
@@ -124,7 +129,7 @@ def fetch(uri: str, cache_root: str | Path, *, offline: bool = False, page_size:
     loc = parse_uri(uri)
     final = cache_dir(loc, cache_root)
     if offline:
-        marker = read_marker(final, uri)
+        marker = read_marker(final, loc.canonical)
         if marker is None:
             raise DataError(f"{uri} is not in the local cache {final} and data.download is false")
         return Fetched(final / marker["root"], lineage(marker), [])
@@ -155,7 +160,8 @@ def read_marker(final: Path, uri: str) -> dict | None:
 
 def cached_lineage(uri: str, cache_root: str | Path) -> dict | None:
     """Lineage of the cached copy of `uri` (what `fetch` last installed), for the data manifest."""
-    marker = read_marker(cache_dir(parse_uri(uri), cache_root), uri)
+    loc = parse_uri(uri)
+    marker = read_marker(cache_dir(loc, cache_root), loc.canonical)
     return lineage(marker) if marker else None
 
 
@@ -192,7 +198,7 @@ def _digest(lines) -> str:
 
 def _fetch_tree(s3, loc: Location, final: Path, page_size: int) -> Fetched:
     listing = _list_images(s3, loc, page_size)  # key → (relative path, etag)
-    old = read_marker(final, loc.uri)
+    old = read_marker(final, loc.canonical)
     old_objects = old["objects"] if old and old["kind"] == "tree" else {}
     if old and {k: o["etag"] for k, o in old_objects.items()} == {k: e for k, (_, e) in listing.items()}:
         return Fetched(final / old["root"], lineage(old), [])
@@ -207,7 +213,7 @@ def _fetch_tree(s3, loc: Location, final: Path, page_size: int) -> Fetched:
             else:
                 objects[key] = _download(s3, loc.bucket, key, dest)
                 downloaded.append(key)
-        marker = _install(tmp, final, {"uri": loc.uri, "kind": "tree", "root": "tree", "objects": objects})
+        marker = _install(tmp, final, {"uri": loc.canonical, "kind": "tree", "root": "tree", "objects": objects})
     return Fetched(final / marker["root"], lineage(marker), downloaded)
 
 
@@ -244,7 +250,7 @@ def _list_images(s3, loc: Location, page_size: int) -> dict[str, tuple[str, str]
 
 def _fetch_archive(s3, loc: Location, final: Path) -> Fetched:
     etag = s3.head_object(Bucket=loc.bucket, Key=loc.key)["ETag"].strip('"')
-    old = read_marker(final, loc.uri)
+    old = read_marker(final, loc.canonical)
     if old and old["kind"] == "archive" and old["objects"].get(loc.key, {}).get("etag") == etag:
         return Fetched(final / old["root"], lineage(old), [])
     with _staging(final) as tmp:
@@ -257,7 +263,7 @@ def _fetch_archive(s3, loc: Location, final: Path) -> Fetched:
         root = _tree_root(tmp / "tree")
         if not any(p.is_dir() for p in root.iterdir()):
             raise DataError(f"{loc.uri}: the archive's images are not inside class folders (<class>/<image>)")
-        marker = {"uri": loc.uri, "kind": "archive", "root": root.relative_to(tmp).as_posix(), "objects": {}}
+        marker = {"uri": loc.canonical, "kind": "archive", "root": root.relative_to(tmp).as_posix(), "objects": {}}
         marker["objects"][loc.key] = info
         marker = _install(tmp, final, marker)
     return Fetched(final / marker["root"], lineage(marker), [loc.key])

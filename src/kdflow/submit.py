@@ -457,7 +457,7 @@ def wait_for_run(
     """Poll the run until it reaches a terminal state and return it (a V2beta1Run); KfpError on timeout.
 
     Unlike kfp's wait_for_run_completion this also stops on CANCELED, and rides out a few consecutive transient
-    API errors (5xx, connection resets) instead of abandoning a run that may take hours."""
+    API errors (5xx, 429, connection resets) instead of abandoning a run that may take hours."""
     deadline = time.monotonic() + timeout
     last, errors = None, 0
     while True:
@@ -467,7 +467,8 @@ def wait_for_run(
         except _transport_errors() as err:
             status = getattr(err, "status", None)
             errors += 1
-            if (status and status < 500) or errors >= max_errors:
+            # 4xx means this request is wrong and will stay wrong, except 429: the API asks to slow down
+            if (status and status < 500 and status != 429) or errors >= max_errors:
                 raise _as_kfp_error(err, f"getting run {run_id}", host) from None
             run = None
         if run is not None:
