@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,3 +315,19 @@ def test_pruned_mobilenet_round_trip_keeps_depthwise_groups(tmp_path):
     loaded, _ = checkpoint.load(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_save_leaves_whole_files_or_none(tmp_path, monkeypatch):
+    model = make_cnn()
+    spec = checkpoint.make_spec("cnn", 1, 10, {"width": WIDTH})
+    checkpoint.save(model, spec, tmp_path / "ok")
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == [checkpoint.WEIGHTS_FILE, checkpoint.SPEC_FILE]
+
+    def disk_full(obj, f, *args, **kwargs):  # half the file written, then the disk is full
+        Path(f).write_bytes(b"PK\x03\x04 half a zip")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(model, spec, tmp_path / "full")
+    assert list((tmp_path / "full").iterdir()) == []  # no truncated model.pt, no leftovers

@@ -9,6 +9,7 @@ object is ever pickled, so a checkpoint from an untrusted run cannot execute cod
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,21 @@ def build_from_spec(spec: dict) -> nn.Module:
 
 
 def save(model: nn.Module, spec: dict, directory: str | Path) -> Path:
-    """Write `spec.json` and `model.pt` into `directory`; returns the directory."""
+    """Write `spec.json` and `model.pt` into `directory`; returns the directory. Each file appears whole or not at
+    all (written aside, then renamed into place): a crash mid-write leaves no truncated checkpoint behind."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "layers": layer_shapes(model)}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, d / WEIGHTS_FILE)
-    (d / SPEC_FILE).write_text(json.dumps(spec, indent=1))
+    weights_tmp, spec_tmp = d / f".{WEIGHTS_FILE}.tmp", d / f".{SPEC_FILE}.tmp"
+    try:
+        torch.save(state, weights_tmp)
+        spec_tmp.write_text(json.dumps(spec, indent=1))
+        os.replace(weights_tmp, d / WEIGHTS_FILE)
+        os.replace(spec_tmp, d / SPEC_FILE)
+    finally:
+        weights_tmp.unlink(missing_ok=True)
+        spec_tmp.unlink(missing_ok=True)
     return d
 
 
