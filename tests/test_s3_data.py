@@ -298,7 +298,7 @@ def test_archive_skips_macos_metadata_hidden_folders_and_non_images(env, tree_a,
         zf.writestr("__MACOSX/extra/img.png", png)
         zf.writestr(".hidden/0/img.png", png)
         zf.writestr("0/.img-preview.png", png)
-        zf.writestr("0/notes.txt", b"not an image")
+        zf.writestr("0/labels.csv", b"not an image")
     c = _bucket(env, "junk")
     c.put_object(Bucket="junk", Key="d.zip", Body=buf.getvalue())
     _assert_same(
