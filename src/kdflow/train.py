@@ -271,29 +271,33 @@ def tabulate_teacher(
     else None. It costs V·N teacher images once and serves every training run (each distill step, each sweep),
     where each run without it costs up to epochs·N (fewer: `fit_many` keeps the crops it has drawn): built when
     V ≤ epochs and the table fits in TABLE_BYTES."""
-    variants = augment_variants(augment, images.shape[-2])
-    if augment == "none" or variants > epochs:
-        return None
-    device = next(teacher.parameters()).device
-    with torch.no_grad():  # one image tells the table's class count
-        num_classes = teacher.eval()(normalizer.to(device)(images[:1].to(device))).shape[1]
-    if len(images) * variants * num_classes * 4 > TABLE_BYTES:
+    if (
+        augment == "none"
+        or augment_variants(augment, images.shape[-2]) > epochs
+        or not _table_shape(teacher, normalizer, images, augment)
+    ):
         return None
     return compute_teacher_outputs(teacher, normalizer, key, images, augment=augment)
 
 
-def _empty_table(teacher: nn.Module, normalizer: Normalizer, images: torch.Tensor, augment: str) -> torch.Tensor | None:
-    """An unfilled (N, V, K) table of teacher logits for every augmentation variant of `images`, on the teacher's
-    device, or None when it would not fit in TABLE_BYTES. Filled as the crops are drawn, it runs the teacher on
-    each (image, variant) at most once: never more often than per batch, and less as epochs repeat crops (25
-    epochs over 25 variants draw about 64% of the pairs)."""
+def _table_shape(
+    teacher: nn.Module, normalizer: Normalizer, images: torch.Tensor, augment: str
+) -> tuple[int, int, int] | None:
+    """(N, V, K) of a table of teacher logits for every augmentation variant of `images`, or None when it would
+    not fit in TABLE_BYTES. One image through the teacher tells the class count K."""
     device = next(teacher.parameters()).device
-    with torch.no_grad():  # one image tells the class count
+    with torch.no_grad():
         num_classes = teacher.eval()(normalizer.to(device)(images[:1].to(device))).shape[1]
-    variants = augment_variants(augment, images.shape[-2])
-    if len(images) * variants * num_classes * 4 > TABLE_BYTES:
-        return None
-    return torch.empty(len(images), variants, num_classes, device=device)
+    shape = (len(images), augment_variants(augment, images.shape[-2]), num_classes)
+    return shape if shape[0] * shape[1] * shape[2] * 4 <= TABLE_BYTES else None
+
+
+def _empty_table(teacher: nn.Module, normalizer: Normalizer, images: torch.Tensor, augment: str) -> torch.Tensor | None:
+    """An unfilled table (`_table_shape`) on the teacher's device, or None. Filled as the crops are drawn, it runs
+    the teacher on each (image, variant) at most once: never more often than per batch, and less as epochs
+    repeat crops (25 epochs over 25 variants draw about 64% of the pairs)."""
+    shape = _table_shape(teacher, normalizer, images, augment)
+    return torch.empty(shape, device=next(teacher.parameters()).device) if shape else None
 
 
 class _RngSlot:
