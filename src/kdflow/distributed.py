@@ -194,9 +194,10 @@ def launch_teacher(ctx: StepContext, data_dir: str, out_dir: str, run_id: str, n
 
 def _cpu_threads(cfg: Config, nproc: int) -> int | None:
     """CPU workers share this process's cores; GPU workers keep torchrun's one thread each."""
+    from kdflow.cpus import usable_cpus
     from kdflow.train import resolve_device
 
-    return None if resolve_device(cfg.device).type == "cuda" else max(1, len(os.sched_getaffinity(0)) // nproc)
+    return None if resolve_device(cfg.device).type == "cuda" else max(1, usable_cpus() // nproc)
 
 
 # ------------------------------------------------------------------------------------------ worker entrypoint

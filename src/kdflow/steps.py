@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdflow import checkpoint, data, distributed, evaluate, losses, models, registry, timing, tracking
+from kdflow import checkpoint, cpus, data, distributed, evaluate, losses, models, registry, timing, tracking
 from kdflow.config import Config, config_from_json
 from kdflow.stepserver import PARALLEL_THREADS_ENV
 from kdflow.train import (
@@ -40,10 +40,13 @@ TEACHER_OUTPUTS_FILE = "teacher_outputs.pt"
 
 
 def _share_cores() -> None:
-    """Steps inside the ParallelFor run side by side locally; without a limit each would claim every core."""
+    """Steps inside the ParallelFor run side by side locally: each takes its share of the cores, or it would
+    claim every one. Elsewhere (a pod) torch's threads are capped at the CPUs the container's quota allows."""
     threads = os.environ.get(PARALLEL_THREADS_ENV)
     if threads:
         torch.set_num_threads(int(threads))
+    else:
+        cpus.fit_threads_to_cpus()
 
 
 @dataclass
@@ -161,6 +164,7 @@ def train_teacher(ctx: StepContext, data_dir: str, out_dir: str) -> dict:
     With several GPUs (or `cluster.teacher_processes` > 1) this process opens the MLflow run and launches one
     torchrun worker per process (`kdflow.distributed`), which train in DDP; rank 0 logs into the run and writes
     the files, and the metrics are read back from them."""
+    cpus.fit_threads_to_cpus()  # it runs alone: every core its container may use
     # the class count is known now: a policy metric this task cannot have fails here, not after all the training
     registry.check_metrics(ctx.cfg.registry, data.read_manifest(data_dir)["tasks"]["target"]["num_classes"])
     nproc = distributed.teacher_processes(ctx.cfg)
@@ -322,6 +326,7 @@ def prune_teacher(ctx: StepContext, data_dir: str, teacher_dir: str, out_dir: st
     distillation trains them)."""
     from kdflow import pruning
 
+    cpus.fit_threads_to_cpus()
     pcfg = ctx.cfg.prune
     manifest = data.read_manifest(data_dir)
     norm = data.Normalizer.from_manifest(manifest)
