@@ -254,7 +254,10 @@ def test_offline_uses_the_cache_without_contacting_the_store(env, calls, tree_a,
     # the same folder spelled without its trailing slash finds the same cache
     _assert_same(data.load_source("s3://offline/d", cfg.model_copy(update={"download": False})), online)
     root = data.s3_cache_root(cfg)
-    assert s3.cached_lineage("s3://offline/d", root) == s3.cached_lineage("s3://offline/d/", root) is not None
+    assert (
+        s3.fetch("s3://offline/d", root, offline=True).lineage
+        == s3.fetch("s3://offline/d/", root, offline=True).lineage
+    )
     assert calls == []
 
 
@@ -415,14 +418,30 @@ def _tree_digest(tree: Path, prefix: str, file_hash) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def test_prepare_records_s3_lineage_and_matches_local_sources(env, tree_a, tree_b, tmp_path):
+def _first_read_only(read_marker):
+    """read_marker that answers once per cache folder: a second read (the lineage looked up again after the
+    data was loaded) fails the test."""
+    seen = set()
+
+    def once(final, uri):
+        if (final, uri) in seen:
+            pytest.fail(f"the cache marker of {uri} was read twice")
+        seen.add((final, uri))
+        return read_marker(final, uri)
+
+    return once
+
+
+def test_prepare_records_s3_lineage_and_matches_local_sources(env, tree_a, tree_b, tmp_path, monkeypatch):
     c = _bucket(env, "prep")
     _upload_tree(c, "prep", "a/", tree_a)
     archive = _zip(tree_b)
     c.put_object(Bucket="prep", Key="b.zip", Body=archive)
 
     common = {"setup": "cross_dataset", "image_size": 8, "channels": 1, "root": str(tmp_path / "cache")}
-    remote = data.prepare(DataConfig(source="s3://prep/a/", target="s3://prep/b.zip", **common), 0, tmp_path / "r")
+    with monkeypatch.context() as m:  # the lineage comes with the fetch, not from a second look at the cache
+        m.setattr(s3, "read_marker", _first_read_only(s3.read_marker))  # (which another run may refresh)
+        remote = data.prepare(DataConfig(source="s3://prep/a/", target="s3://prep/b.zip", **common), 0, tmp_path / "r")
     local = data.prepare(
         DataConfig(source=f"imagefolder:{tree_a}", target=f"imagefolder:{tree_b}", **common), 0, tmp_path / "l"
     )

@@ -190,14 +190,17 @@ def _open_image(path: str, mode: str, size: int):
         return im.convert(mode).resize((size, size), Image.BILINEAR)
 
 
-def load_s3(uri: str, cfg: DataConfig) -> ImageSet:
+def load_s3(uri: str, cfg: DataConfig, origins: dict[str, dict] | None = None) -> ImageSet:
     """An ImageFolder tree (`s3://bucket/prefix/`) or archive of one (`s3://bucket/data.tar.gz`, `.zip`), fetched
-    into the cache under `data.root` (see `kdflow.s3`); with `data.download: false` only the cache is used."""
+    into the cache under `data.root` (see `kdflow.s3`); with `data.download: false` only the cache is used.
+    `origins[uri]` receives the lineage (URI, ETags, content hash) of exactly the copy the images come from."""
     from kdflow import s3
 
     if cfg.image_size is None:
         raise DataError(f"{uri} needs data.image_size (images come in any size)")
     fetched = s3.fetch(uri, s3_cache_root(cfg), offline=not cfg.download)
+    if origins is not None:
+        origins[uri] = fetched.lineage
     try:
         return load_imagefolder(fetched.root, cfg.image_size, cfg.channels)
     except (DataError, OSError) as err:  # OSError: PIL cannot decode an image
@@ -208,18 +211,11 @@ def s3_cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.root).expanduser() / "s3"
 
 
-def source_origin(spec: str | None, cfg: DataConfig) -> dict | None:
-    """Where a source's data came from, for the manifest: URI, ETags and content hash of an s3:// source."""
-    from kdflow import s3
-
-    return s3.cached_lineage(spec, s3_cache_root(cfg)) if s3.is_s3_uri(spec) else None
-
-
-def load_source(spec: str, cfg: DataConfig) -> ImageSet:
+def load_source(spec: str, cfg: DataConfig, origins: dict[str, dict] | None = None) -> ImageSet:
     """Resolve a source string: `digits`, `mnist-idx:<dir>`, `usps:<dir>`, `imagefolder:<dir>`, `s3://<bucket>/...`
     or a torchvision name (`mnist`, `fashion-mnist`, `cifar10`, `cifar100`)."""
     if spec.startswith("s3://"):
-        return load_s3(spec, cfg)
+        return load_s3(spec, cfg, origins)
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         return load_digits_set()
@@ -316,11 +312,12 @@ def limit_per_class(s: ImageSet, k: int, salt: str) -> ImageSet:
 # ----------------------------------------------------------------------------------------------- the set-ups
 
 
-def build_tasks(cfg: DataConfig, seed: int) -> tuple[ImageSet, ImageSet]:
-    """(source task, target task) for the configured transfer set-up, before splitting."""
-    src = load_source(cfg.source, cfg)
+def build_tasks(cfg: DataConfig, seed: int, origins: dict[str, dict] | None = None) -> tuple[ImageSet, ImageSet]:
+    """(source task, target task) for the configured transfer set-up, before splitting; `origins` receives the
+    lineage of each s3:// source read (`load_s3`)."""
+    src = load_source(cfg.source, cfg, origins)
     if cfg.setup == "cross_dataset":
-        tgt = load_source(cfg.target, cfg)
+        tgt = load_source(cfg.target, cfg, origins)
         size = cfg.image_size or tgt.x.shape[-1]
         channels = cfg.channels or tgt.x.shape[1]
         return conform(src, size, channels), conform(tgt, size, channels)
@@ -367,7 +364,8 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
     """Build both tasks, split them, write `<task>_<split>.pt` files and `manifest.json`; return the manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    source, target = build_tasks(cfg, seed)
+    origins: dict[str, dict] = {}  # s3:// lineage of the very copies read (another run may refresh the cache)
+    source, target = build_tasks(cfg, seed, origins)
     splits = {"source": split_task(source, cfg, "source", seed), "target": split_task(target, cfg, "target", seed)}
 
     train_x = splits["source"]["train"].x.float() / 255.0  # normalisation the teacher first learns with
@@ -386,7 +384,7 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
             "shape": list(ds.x.shape[1:]),
             "counts": {name: len(p.x) for name, p in splits[task].items()},
         }
-        origin = source_origin(spec, cfg)
+        origin = origins.get(spec)
         if origin is not None:
             manifest["tasks"][task]["origin"] = origin
         for name, part in splits[task].items():

@@ -158,13 +158,6 @@ def read_marker(final: Path, uri: str) -> dict | None:
     return marker
 
 
-def cached_lineage(uri: str, cache_root: str | Path) -> dict | None:
-    """Lineage of the cached copy of `uri` (what `fetch` last installed), for the data manifest."""
-    loc = parse_uri(uri)
-    marker = read_marker(cache_dir(loc, cache_root), loc.canonical)
-    return lineage(marker) if marker else None
-
-
 def lineage(marker: dict) -> dict:
     """URI, ETag(s) and content hash: enough to tell later whether the store still holds the same data."""
     objects = marker["objects"]
