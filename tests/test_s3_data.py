@@ -100,6 +100,11 @@ def tree_b(tmp_path_factory) -> Path:
     return _write_tree(tmp_path_factory.mktemp("tree") / "digits_b", CLASSES_B)
 
 
+def _entries(folder: Path) -> list[str]:
+    """What a cache folder holds besides the fetch locks (`<cache>.lock`, which stay, empty, once released)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
+
+
 def _files(tree: Path) -> list[Path]:
     return sorted(p for p in tree.rglob("*") if p.is_file())
 
@@ -204,7 +209,7 @@ def test_cache_skips_unchanged_refetches_changed_drops_deleted(env, calls, tree_
     fourth = data.load_source(uri, cfg)
     assert calls == ["ListObjectsV2"] and len(fourth.x) == N_IMAGES - 1
     assert not (cache / "tree" / "2" / "img000.png").exists()
-    assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]  # no temp or old folders left
+    assert _entries(cache.parent) == [cache.name]  # no temp or old folders left
 
 
 def test_interrupted_download_never_leaves_a_half_cache(env, tree_a, tmp_path, monkeypatch):
@@ -224,7 +229,7 @@ def test_interrupted_download_never_leaves_a_half_cache(env, tree_a, tmp_path, m
     monkeypatch.setattr(s3, "_download", dying)
     with pytest.raises(KeyboardInterrupt):
         data.load_source(uri, cfg)
-    assert not cache.exists() and list(cache.parent.iterdir()) == []
+    assert not cache.exists() and _entries(cache.parent) == []
 
     monkeypatch.setattr(s3, "_download", real)
     good = data.load_source(uri, cfg)
@@ -237,8 +242,33 @@ def test_interrupted_download_never_leaves_a_half_cache(env, tree_a, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         data.load_source(uri, cfg)
     assert (cache / s3.MARKER).read_text() == marker
-    assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]
+    assert _entries(cache.parent) == [cache.name]
     _assert_same(data.load_source(uri, cfg.model_copy(update={"download": False})), good)
+
+
+def test_a_killed_fetchs_leftovers_are_removed_and_fetches_take_turns(env, tree_a, tmp_path):
+    import fcntl
+    import threading
+    import time
+
+    c = _bucket(env, "turns")
+    _upload_tree(c, "turns", "d/", tree_a)
+    uri, cfg = "s3://turns/d/", _cfg(tmp_path, "s3://turns/d/")
+    cache = s3.cache_dir(s3.parse_uri(uri), data.s3_cache_root(cfg))
+    cache.parent.mkdir(parents=True)
+    for leftover in (f"{cache.name}.tmp-killed", f"{cache.name}.old-123-abcd"):  # a pod killed mid-fetch
+        (cache.parent / leftover / "tree").mkdir(parents=True)
+    done = []
+    with open(cache.parent / f"{cache.name}.lock", "a") as held:  # another process is fetching this location
+        fcntl.flock(held, fcntl.LOCK_EX)
+        t = threading.Thread(target=lambda: done.append(data.load_source(uri, cfg)))
+        t.start()
+        time.sleep(0.3)
+        assert done == [] and not cache.exists()  # waits for its turn
+        fcntl.flock(held, fcntl.LOCK_UN)
+    t.join(60)
+    _assert_same(done[0], data.load_imagefolder(tree_a, 8, 1))
+    assert _entries(cache.parent) == [cache.name]  # the leftovers are gone
 
 
 def test_offline_uses_the_cache_without_contacting_the_store(env, calls, tree_a, tmp_path, monkeypatch):
@@ -353,7 +383,7 @@ def test_unsafe_archives_are_rejected(env, tmp_path, key, body, reason):
     with pytest.raises(DataError, match=rf"^{uri}: archive {reason}"):
         data.load_source(uri, cfg)
     assert not (tmp_path / "evil.png").exists() and not (tmp_path / "deep" / "evil.png").exists()
-    assert list((data.s3_cache_root(cfg) / bucket).iterdir()) == []  # nothing cached, no temp folder left
+    assert _entries(data.s3_cache_root(cfg) / bucket) == []  # nothing cached, no temp folder left
 
 
 # -------------------------------------------------------------------------------------------------- errors

@@ -14,6 +14,7 @@ points MLflow at MinIO serves data prep too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -23,6 +24,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,22 +130,44 @@ def fetch(uri: str, cache_root: str | Path, *, offline: bool = False, page_size:
     """
     loc = parse_uri(uri)
     final = cache_dir(loc, cache_root)
-    if offline:
-        marker = read_marker(final, loc.canonical)
-        if marker is None:
-            raise DataError(f"{uri} is not in the local cache {final} and data.download is false")
-        return Fetched(final / marker["root"], lineage(marker), [])
-    from botocore.exceptions import BotoCoreError, ClientError
+    with _locked(final):
+        if offline:
+            marker = read_marker(final, loc.canonical)
+            if marker is None:
+                raise DataError(f"{uri} is not in the local cache {final} and data.download is false")
+            return Fetched(final / marker["root"], lineage(marker), [])
+        from botocore.exceptions import BotoCoreError, ClientError
 
-    s3 = client()
+        s3 = client()
+        try:
+            if loc.is_archive:
+                return _fetch_archive(s3, loc, final)
+            return _fetch_tree(s3, loc, final, page_size)
+        except ClientError as err:
+            raise _client_error(s3, loc, err) from None
+        except BotoCoreError as err:
+            raise _botocore_error(s3, loc, err) from None
+
+
+@contextlib.contextmanager
+def _locked(final: Path) -> Iterator[None]:
+    """One fetch of a location at a time among the processes sharing the cache (the kernel's flock, released
+    however the holder ends). Under the lock, leftovers of a fetch that was killed mid-way (its staging folder,
+    or the previous version it was swapping out) are removed. Without flock (Windows) fetches are not serialised."""
+    final.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if loc.is_archive:
-            return _fetch_archive(s3, loc, final)
-        return _fetch_tree(s3, loc, final, page_size)
-    except ClientError as err:
-        raise _client_error(s3, loc, err) from None
-    except BotoCoreError as err:
-        raise _botocore_error(s3, loc, err) from None
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(final.parent / f"{final.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for stale in [*final.parent.glob(f"{final.name}.tmp-*"), *final.parent.glob(f"{final.name}.old-*")]:
+                shutil.rmtree(stale, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def read_marker(final: Path, uri: str) -> dict | None:
@@ -313,6 +337,8 @@ def _install(tmp: Path, final: Path, marker: dict) -> dict:
     except OSError:
         theirs = read_marker(final, marker["uri"])
         if theirs is None:
+            if old is not None and not final.exists():
+                os.rename(old, final)  # keep the last good version rather than none
             raise
         marker = theirs  # another process (a run sharing this cache) installed a complete version meanwhile
     if old is not None:
