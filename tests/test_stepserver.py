@@ -70,10 +70,13 @@ def test_client_reports_a_server_that_failed_to_start(tmp_path):
         stepserver._connect(str(sock), timeout_s=5)
 
 
-def test_no_server_when_off(tmp_path, monkeypatch):
+def test_no_server_when_off_and_steps_run_in_process(tmp_path, monkeypatch):
     monkeypatch.setenv(stepserver.SERVER_ENV, "off")
     with stepserver.StepServer(tmp_path / "log") as server:
         assert server.proc is None and os.environ[stepserver.SERVER_ENV] == "off"
+        # the step processes see "off" too: they run the step themselves instead of looking for a socket
+        result = stepserver.run_step("data_prep", load_config(None, {}).to_json(), str(tmp_path / "data"))
+    assert result["content_hash"] == data.read_manifest(tmp_path / "data")["content_hash"]
 
 
 def test_sigterm_removes_the_socket_and_exits_zero(tmp_path):

@@ -96,7 +96,7 @@ def run_step(name: str, *args, **kwargs):
     """Call `kdflow.entrypoints.<name>(*args, **kwargs)`: in a forked child of the step server when one is
     announced in the environment, else right here."""
     path = os.environ.get(SERVER_ENV)
-    if not path:
+    if not path or path == "off":
         from kdflow import entrypoints
 
         return getattr(entrypoints, name)(*args, **kwargs)
