@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +57,14 @@ def save(model: nn.Module, spec: dict, directory: str | Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "layers": layer_shapes(model)}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    weights_tmp, spec_tmp = d / f".{WEIGHTS_FILE}.tmp", d / f".{SPEC_FILE}.tmp"
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=d))  # same names inside: torch.save names its records
     try:
-        torch.save(state, weights_tmp)
-        spec_tmp.write_text(json.dumps(spec, indent=1))
-        os.replace(weights_tmp, d / WEIGHTS_FILE)
-        os.replace(spec_tmp, d / SPEC_FILE)
+        torch.save(state, staging / WEIGHTS_FILE)
+        (staging / SPEC_FILE).write_text(json.dumps(spec, indent=1))
+        os.replace(staging / WEIGHTS_FILE, d / WEIGHTS_FILE)
+        os.replace(staging / SPEC_FILE, d / SPEC_FILE)
     finally:
-        weights_tmp.unlink(missing_ok=True)
-        spec_tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return d
 
 
