@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from kdflow import stepserver, tracking
+from kdflow import filelock, stepserver, tracking
 from kdflow.config import Config
 from kdflow.tracking import PROGRESS_PREFIX
 
@@ -79,35 +79,16 @@ def run_local(cfg: Config, home: Path, tracking_uri: str | None = None, verbose:
 LOCK_FILE = ".kdflow-run.lock"
 
 
-@contextlib.contextmanager
 def home_lock(home: Path, notice: IO[str] | None = None):
     """Hold <home>'s lock for one local run; a second `kdflow run` on the same home waits for the first.
 
     Two runs at once would race to create a new SQLite store (which corrupts it) and could each take the
-    other's pipeline folder for their own. The lock is the kernel's (flock): it goes with the process, however
-    that ends. Where there is no flock (Windows), runs are not serialised."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with (home / LOCK_FILE).open("a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            print(f"waiting for the other kdflow run on {home} ({holder}) to finish", file=notice or sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
-            fcntl.flock(f, fcntl.LOCK_UN)
+    other's pipeline folder for their own."""
+
+    def waiting(holder: str) -> None:
+        print(f"waiting for the other kdflow run on {home} ({holder}) to finish", file=notice or sys.stderr)
+
+    return filelock.exclusive(home / LOCK_FILE, waiting)
 
 
 def _run(cfg: Config, home: Path, uri: str, verbose: bool) -> dict:

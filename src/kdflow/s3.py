@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdflow import filelock
 from kdflow.data import DataError
 
 SCHEME = "s3://"
@@ -151,23 +152,13 @@ def fetch(uri: str, cache_root: str | Path, *, offline: bool = False, page_size:
 
 @contextlib.contextmanager
 def _locked(final: Path) -> Iterator[None]:
-    """One fetch of a location at a time among the processes sharing the cache (the kernel's flock, released
-    however the holder ends). Under the lock, leftovers of a fetch that was killed mid-way (its staging folder,
-    or the previous version it was swapping out) are removed. Without flock (Windows) fetches are not serialised."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+    """One fetch of a location at a time among the processes sharing the cache (`kdflow.filelock`). Under the
+    lock, leftovers of a fetch that was killed mid-way (its staging folder, or the previous version it was
+    swapping out) are removed."""
+    with filelock.exclusive(final.parent / f"{final.name}.lock"):
+        for stale in [*final.parent.glob(f"{final.name}.tmp-*"), *final.parent.glob(f"{final.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
         yield
-        return
-    with open(final.parent / f"{final.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            for stale in [*final.parent.glob(f"{final.name}.tmp-*"), *final.parent.glob(f"{final.name}.old-*")]:
-                shutil.rmtree(stale, ignore_errors=True)
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def read_marker(final: Path, uri: str) -> dict | None:
