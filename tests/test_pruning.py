@@ -69,6 +69,18 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> None:
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
 
 
+def weaken_first_filters(model: nn.Module, n: int) -> torch.Tensor:
+    """Make the first conv's filters 0..n-1 1000x weaker, with their BN scale and shift and the next conv's
+    matching inputs (the whole channel group a criterion scores); returns the other filters' weights."""
+    conv1, bn1, conv2 = model.features[0][0], model.features[0][1], model.features[1][0]
+    with torch.no_grad():
+        conv1.weight[:n] *= 1e-3
+        bn1.weight[:n] *= 1e-3
+        bn1.bias[:n] *= 1e-3
+        conv2.weight[:, :n] *= 1e-3
+    return conv1.weight[n:].clone()
+
+
 # --------------------------------------------------------------------------------------------- SmallCNN
 
 
@@ -86,13 +98,7 @@ def test_magnitude_criteria_remove_the_weakest_filters(importance, example):
     weaker: every magnitude criterion must remove exactly those and keep filters 4-7 unchanged."""
     model = make_cnn()
     randomize_bn(model)
-    conv1, bn1, conv2 = model.features[0][0], model.features[0][1], model.features[1][0]
-    with torch.no_grad():
-        conv1.weight[:4] *= 1e-3
-        bn1.weight[:4] *= 1e-3
-        bn1.bias[:4] *= 1e-3
-        conv2.weight[:, :4] *= 1e-3
-    strong = conv1.weight[4:].clone()
+    strong = weaken_first_filters(model, 4)
     pruning.prune(model, example, 0.5, arch="cnn", importance=importance)
     assert torch.equal(model.features[0][0].weight, strong)
 
@@ -150,13 +156,7 @@ def test_prune_global_pruning_ranks_channels_across_layers(example):
     """Six of the first conv's 8 filters are made 1000x weaker. Global pruning removes half of all 48 channels,
     ranked together, so it takes those six from the first layer; per-layer pruning takes half of each layer."""
     model = make_cnn()
-    conv1, bn1, conv2 = model.features[0][0], model.features[0][1], model.features[1][0]
-    with torch.no_grad():
-        conv1.weight[:6] *= 1e-3
-        bn1.weight[:6] *= 1e-3
-        bn1.bias[:6] *= 1e-3
-        conv2.weight[:, :6] *= 1e-3
-    strong = conv1.weight[6:].clone()
+    strong = weaken_first_filters(model, 6)
     local = copy.deepcopy(model)
     report = pruning.prune(model, example, 0.5, arch="cnn", global_pruning=True)
     widths = conv_out_channels(model)

@@ -17,6 +17,7 @@ from kdflow.cli import app
 from kdflow.config import Config, load_config
 from kdflow.pipelines.compile import compile_pipeline, pipeline_arguments
 from tests.kfp_standin import KfpStandIn
+from tests.test_pipeline_compile import _tasks
 
 ENV = (
     "KF_PIPELINES_TOKEN",
@@ -128,11 +129,7 @@ def test_a_compiled_package_is_submitted_as_is(kfp_api, tmp_path):
 
 
 def _data_prep_caching(pipeline_spec: dict) -> dict:
-    spec = ir(pipeline_spec)
-    tasks = dict(spec["root"]["dag"]["tasks"])
-    for comp in spec["components"].values():
-        tasks.update(comp.get("dag", {}).get("tasks", {}))
-    return tasks["data-prep"]["cachingOptions"]
+    return _tasks(ir(pipeline_spec))["data-prep"]["cachingOptions"]
 
 
 @pytest.mark.parametrize("schedule", [None, "@daily"])
