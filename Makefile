@@ -4,7 +4,7 @@ PYTHON ?= python3
 STAMP := .setup.stamp
 ARGS ?=
 
-.PHONY: setup run test compile lint image push tracking-up tracking-down
+.PHONY: setup run test test-fast compile lint image push tracking-up tracking-down
 
 setup: $(STAMP)
 
@@ -17,6 +17,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest
+
+test-fast: $(STAMP)  # everything but the end-to-end runs, real server stacks and torchrun workers
+	$(PYTHON) -m pytest -m "not slow"
 
 compile: $(STAMP)
 	$(PYTHON) -m kdflow.cli compile $(ARGS)

@@ -25,13 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
 from torchvision.transforms import v2
 
-from kdflow.train import Split, seed_everything
+from kdflow.data import ImageSet
+from kdflow.engine.device import seed_everything
 
 
 class AugmentedImages(Dataset):
     """uint8 (N, C, H, W) images through a torchvision v2 transform per sample, as a torchvision user writes it."""
 
-    def __init__(self, split: Split, transform):
+    def __init__(self, split: ImageSet, transform):
         self.x, self.y, self.transform = split.x, split.y, transform
 
     def __len__(self) -> int:
@@ -49,7 +50,7 @@ def train_dataset(task: Task, recipe: Recipe) -> Dataset:
     if recipe.augment == "none":
         return TensorDataset(task.normalizer(task.train.x), task.train.y)
     size = task.image_size
-    steps = [v2.RandomCrop(size, padding=max(1, size // 8))]  # same padding as kdflow.train.augment
+    steps = [v2.RandomCrop(size, padding=max(1, size // 8))]  # same padding as kdflow.data.augment
     if recipe.augment == "crop_flip":
         steps.append(v2.RandomHorizontalFlip())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]

@@ -36,9 +36,10 @@ import torch
 from bench_pipeline import QUICK_SETS, machine, run_pipeline
 from common import REPO, RESULTS, display_path, machine_cpu_s, markdown_table, write_json
 
-from kdflow import checkpoint, data, evaluate, models, tracking
+from kdflow import data, evaluate, models, tracking
 from kdflow.config import load_config
-from kdflow.train import accuracy, predict
+from kdflow.evaluate import accuracy, predict
+from kdflow.models import checkpoint
 
 DEFAULT_CONFIG = REPO / "configs" / "mnist_to_usps.yaml"
 TARGETS = {"macs_ratio": 5.0, "latency_b1_ratio": 3.0, "accuracy_points": 1.0}

@@ -59,7 +59,9 @@ from common import (
 )
 from torch import nn
 
-from kdflow.train import TeacherOutputs, compute_teacher_outputs, fit, resolve_device, tabulate_teacher
+from kdflow.engine.device import resolve_device
+from kdflow.engine.loop import fit
+from kdflow.engine.teacher_outputs import TeacherOutputs, compute_teacher_outputs, tabulate_teacher
 
 SIDES = ("kdflow", "kdflow-step", "plain", "torchdistill")
 KDFLOW_SIDES = ("kdflow", "kdflow-step")
@@ -94,7 +96,7 @@ def kdflow_distill(
 
 
 def teacher_step_outputs(teacher: nn.Module, task: Task, recipe: Recipe, device) -> TeacherOutputs | None:
-    """What the pipeline's teacher step hands every distill step (`kdflow.steps.save_teacher_outputs`): the
+    """What the pipeline's teacher step hands every distill step (`kdflow.steps.teacher.save_teacher_outputs`): the
     teacher's logits on the train split, or with random crops a table over every crop, when that pays."""
     teacher.to(device).eval()
     if recipe.augment == "none":

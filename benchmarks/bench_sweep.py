@@ -54,7 +54,8 @@ from common import (
 )
 from torch import nn
 
-from kdflow.train import Student, fit_many, resolve_device
+from kdflow.engine.device import resolve_device
+from kdflow.engine.loop import Student, fit_many
 
 # (student width, temperature, alpha): the first is the config's own candidate, then other KD settings, then the
 # same four on a wider student. K = 4 varies the loss on one student; K = 8 adds a second architecture.

@@ -32,7 +32,10 @@ from torch import nn
 
 from kdflow import data, models
 from kdflow.config import Config, LossConfig, TrainConfig, load_config
-from kdflow.train import Split, accuracy, fit, predict, resolve_device, seed_everything
+from kdflow.data import ImageSet
+from kdflow.engine.device import resolve_device, seed_everything
+from kdflow.engine.loop import fit
+from kdflow.evaluate import accuracy, predict
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -65,9 +68,9 @@ class Task:
     data_dir: Path
     manifest: dict
     normalizer: data.Normalizer
-    train: Split
-    val: Split
-    test: Split
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
     in_channels: int
     num_classes: int
     image_size: int
@@ -103,7 +106,7 @@ def open_task(cfg: Config, data_dir: str | Path) -> Task:
     out = Path(data_dir)
     manifest = data.read_manifest(out)
     target = manifest["tasks"]["target"]
-    splits = {s: Split(*data.load_split(out, "target", s)) for s in data.SPLITS}
+    splits = {s: ImageSet(*data.load_split(out, "target", s)) for s in data.SPLITS}
     return Task(
         cfg=cfg,
         data_dir=out,
@@ -142,7 +145,7 @@ def load_teacher(task: Task, quick: bool = False, device: torch.device | None = 
         return read_teacher(path, task)
 
     device = device or resolve_device("auto")
-    src = {s: Split(*data.load_split(task.data_dir, "source", s)) for s in ("train", "val")}
+    src = {s: ImageSet(*data.load_split(task.data_dir, "source", s)) for s in ("train", "val")}
     seed_everything(cfg.seed)
     source_classes = task.manifest["tasks"]["source"]["num_classes"]
     net = models.build(recipe["arch"], task.in_channels, source_classes, **recipe["arch_kwargs"])
@@ -253,7 +256,7 @@ def build_student(task: Task, recipe: Recipe, seed: int) -> nn.Module:
     return models.build(recipe.student_arch, task.in_channels, task.num_classes, **dict(recipe.student_kwargs))
 
 
-def test_accuracy(model: nn.Module, split: Split, normalizer: data.Normalizer) -> float:
+def test_accuracy(model: nn.Module, split: ImageSet, normalizer: data.Normalizer) -> float:
     """Top-1 on a split, computed the same way for every side (eval mode, kdflow's batched predict)."""
     return accuracy(predict(model, split.x, normalizer), split.y)
 

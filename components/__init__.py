@@ -1,4 +1,5 @@
-"""Thin KFP v2 components: each adapts typed KFP artifacts to exactly one `kdflow.steps` function.
+"""Thin KFP v2 components: each adapts typed KFP artifacts to one `kdflow.runner.entrypoints` function,
+which opens the step's context and calls its `kdflow.steps` function(s).
 
 Installed as `kdflow.components`. Bodies import inside the function because KFP ships only the function's
 source to the container; the image already has kdflow and kfp (`install_kfp_package=False`).

@@ -18,9 +18,20 @@ def distill(
 ):
     """Step 4: train candidates (student × loss, comma-separated names) side by side with the teacher's soft
     targets, sharing each batch's teacher outputs."""
-    from kdflow.stepserver import run_step
+    from kdflow.runner import entrypoints
+    from kdflow.runner.stepserver import run_step
 
-    run = [config_json, tracking_uri, pipeline_run_id, pipeline_run_name]
-    results = run_step("distill", run, candidates, data.path, teacher.path, pruned.path, student.path)
+    results = run_step(
+        entrypoints.distill,
+        candidates=candidates,
+        data=data.path,
+        teacher=teacher.path,
+        pruned=pruned.path,
+        student=student.path,
+        config_json=config_json,
+        tracking_uri=tracking_uri,
+        pipeline_run_id=pipeline_run_id,
+        pipeline_run_name=pipeline_run_name,
+    )
     student.metadata["candidates"] = list(results)
     student.metadata.update({f"{n}.best_val_top1": r["best_val_top1"] for n, r in results.items()})

@@ -18,10 +18,20 @@ def evaluate(
     pipeline_run_name: str,
 ):
     """Step 5: accuracy, calibration, teacher agreement, size, FLOPs and CPU latency of each candidate."""
-    from kdflow.stepserver import run_step
+    from kdflow.runner import entrypoints
+    from kdflow.runner.stepserver import run_step
 
-    run = [config_json, tracking_uri, pipeline_run_id, pipeline_run_name]
-    reports = run_step("evaluate", run, data.path, teacher.path, student.path, report.path)
+    reports = run_step(
+        entrypoints.evaluate,
+        data=data.path,
+        teacher=teacher.path,
+        student=student.path,
+        report=report.path,
+        config_json=config_json,
+        tracking_uri=tracking_uri,
+        pipeline_run_id=pipeline_run_id,
+        pipeline_run_name=pipeline_run_name,
+    )
     for r in reports:
         for key, value in r["metrics"].items():
             metrics.log_metric(f"{r['name']}.{key}" if len(reports) > 1 else key, value)

@@ -12,8 +12,16 @@ def finalize(
     pipeline_run_name: str,
 ):
     """Exit handler: end the pipeline's MLflow run as FINISHED or FAILED, even after a killed pod."""
-    from kdflow.stepserver import run_step
+    from kdflow.runner import entrypoints
+    from kdflow.runner.stepserver import run_step
 
-    run = [config_json, tracking_uri, pipeline_run_id, pipeline_run_name]
-    stale = run_step("finalize", run, status.state, status.error_message or "")
+    stale = run_step(
+        entrypoints.finalize,
+        state=status.state,
+        error_message=status.error_message or "",
+        config_json=config_json,
+        tracking_uri=tracking_uri,
+        pipeline_run_id=pipeline_run_id,
+        pipeline_run_name=pipeline_run_name,
+    )
     print(f"pipeline {status.state}; its MLflow run is closed; runs left RUNNING, now FAILED: {stale}")

@@ -16,9 +16,19 @@ def prune(
     pipeline_run_name: str,
 ):
     """Step 3: structured channel pruning of the teacher, one network per configured ratio."""
-    from kdflow.stepserver import run_step
+    from kdflow.runner import entrypoints
+    from kdflow.runner.stepserver import run_step
 
-    run = [config_json, tracking_uri, pipeline_run_id, pipeline_run_name]
-    for row in run_step("prune", run, data.path, teacher.path, pruned.path):
+    rows = run_step(
+        entrypoints.prune,
+        data=data.path,
+        teacher=teacher.path,
+        pruned=pruned.path,
+        config_json=config_json,
+        tracking_uri=tracking_uri,
+        pipeline_run_id=pipeline_run_id,
+        pipeline_run_name=pipeline_run_name,
+    )
+    for row in rows:
         metrics.log_metric(f"ratio_{row['ratio']:g}_params_after", row["params_after"])
         metrics.log_metric(f"ratio_{row['ratio']:g}_macs_after", row["macs_after"])

@@ -18,11 +18,21 @@ def register(
     pipeline_run_name: str,
 ):
     """Step 6: register teacher and candidates in MLflow; promote the policy's pick if it beats the champion."""
-    from kdflow.stepserver import run_step
+    from kdflow.runner import entrypoints
+    from kdflow.runner.stepserver import run_step
 
-    run = [config_json, tracking_uri, pipeline_run_id, pipeline_run_name]
-    students, reports = [s.path for s in students], [r.path for r in reports]
-    result = run_step("register", run, data.path, teacher.path, students, reports, decision.path)
+    result = run_step(
+        entrypoints.register,
+        data=data.path,
+        teacher=teacher.path,
+        students=[s.path for s in students],
+        reports=[r.path for r in reports],
+        decision=decision.path,
+        config_json=config_json,
+        tracking_uri=tracking_uri,
+        pipeline_run_id=pipeline_run_id,
+        pipeline_run_name=pipeline_run_name,
+    )
     summary.log_metric("promoted", float(result["decision"]["promoted"]))
     summary.log_metric("candidates", float(len(result["candidates"])))
     decision.metadata.update({k: v for k, v in result["decision"].items() if k in ("selected", "promoted", "reason")})

@@ -15,9 +15,18 @@ def train_teacher(
     pipeline_run_name: str,
 ):
     """Step 2: pretrain on the source task, fine-tune on the target task with a new head."""
-    from kdflow.stepserver import run_step
+    from kdflow.runner import entrypoints
+    from kdflow.runner.stepserver import run_step
 
-    run = [config_json, tracking_uri, pipeline_run_id, pipeline_run_name]
-    for key, value in run_step("teacher", run, data.path, teacher.path).items():
+    result = run_step(
+        entrypoints.teacher,
+        data=data.path,
+        teacher=teacher.path,
+        config_json=config_json,
+        tracking_uri=tracking_uri,
+        pipeline_run_id=pipeline_run_id,
+        pipeline_run_name=pipeline_run_name,
+    )
+    for key, value in result.items():
         metrics.log_metric(key, value)
     teacher.metadata["framework"] = "pytorch"

@@ -11,9 +11,12 @@ from kdflow.pipelines.kdflow_pipeline import build_pipeline
 
 
 def pipeline_arguments(cfg: Config, tracking_uri: str = "") -> dict:
+    """The run parameters: the config, the distill steps' work and where MLflow is."""
+    from kdflow.objectives import candidate_groups  # deferred: the objectives import torch
+
     return {
         "config_json": cfg.to_json(),
-        "candidates": cfg.candidate_groups(),  # one distill step per item: "name" or "name1,name2,..."
+        "candidates": candidate_groups(cfg),  # one distill step per item: "name" or "name1,name2,..."
         "tracking_uri": tracking_uri,
     }
 

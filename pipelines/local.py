@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 from typing import IO
 
-from kdflow import filelock, stepserver, tracking
+from kdflow import tracking
 from kdflow.config import Config
+from kdflow.runner import stepserver
+from kdflow.runtime import cpus, filelock
 from kdflow.tracking import PROGRESS_PREFIX
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -70,7 +72,7 @@ def run_local(cfg: Config, home: Path, tracking_uri: str | None = None, verbose:
     # at each process exit for that: off for the local run's processes unless the user set it themselves
     os.environ.setdefault(TELEMETRY_ENV, "true")
     # kfp.local runs up to two loop iterations at once: each gets its share of the cores (steps read this)
-    os.environ.setdefault(stepserver.PARALLEL_THREADS_ENV, str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLELISM)))
+    os.environ.setdefault(cpus.PARALLEL_THREADS_ENV, str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLELISM)))
     with home_lock(home), stepserver.StepServer(home / "logs" / "step-server.log"):  # warms up meanwhile
         tracking.ensure_experiment(cfg.experiment, uri)  # creates the SQLite store once, before steps race for it
         return _run(cfg, home, uri, verbose)

@@ -223,11 +223,11 @@ def test_candidates_is_the_student_by_loss_grid():
     grid = cfg.candidates()
     students = [s.name for s in cfg.distill.students]
     losses = [l.name for l in cfg.distill.losses]
-    assert [c["name"] for c in grid] == [f"{s}-{l}" for s in students for l in losses]
+    assert [c.name for c in grid] == [f"{s}-{l}" for s in students for l in losses]
     assert len(grid) == len(students) * len(losses) == 6
     first = grid[0]
-    assert first["student"] == cfg.distill.students[0].model_dump()
-    assert first["loss"] == cfg.distill.losses[0].model_dump()
+    assert first.student.model_dump() == cfg.distill.students[0].model_dump()
+    assert first.loss.model_dump() == cfg.distill.losses[0].model_dump()
 
 
 def test_candidates_for_a_custom_grid():
@@ -240,9 +240,9 @@ def test_candidates_for_a_custom_grid():
         }
     )
     grid = cfg.candidates()
-    assert [c["name"] for c in grid] == ["r8-hint", "p-hint"]
-    assert grid[0]["student"]["arch"] == "resnet8x4" and grid[1]["student"]["from_pruned"] == 0.75
-    assert grid[1]["loss"]["beta"] == 2.0
+    assert [c.name for c in grid] == ["r8-hint", "p-hint"]
+    assert grid[0].student.arch == "resnet8x4" and grid[1].student.from_pruned == 0.75
+    assert grid[1].loss.beta == 2.0
 
 
 def test_json_round_trip():
@@ -278,7 +278,18 @@ def test_flat_gives_dotted_string_params():
     assert all(isinstance(v, str) for v in flat.values())
 
 
+def test_candidate_looks_a_grid_cell_up_by_name():
+    cfg = Config()
+    grid = cfg.candidates()
+    assert all(cfg.candidate(c.name) == c for c in grid)
+    with pytest.raises(ConfigError, match="unknown candidate 'nope'") as err:
+        cfg.candidate("nope")
+    assert all(repr(c.name) in str(err.value) for c in grid)
+
+
 def test_candidate_groups_keep_one_data_stream_per_step():
+    from kdflow.objectives import candidate_groups
+
     cfg = load_config(
         None,
         {
@@ -292,9 +303,9 @@ def test_candidate_groups_keep_one_data_stream_per_step():
         },
     )
     # four target-only candidates in groups of three, the two source-data ones apart
-    assert cfg.candidate_groups() == ["a-kd,a-ce,b-kd", "b-ce", "a-src,b-src"]
+    assert candidate_groups(cfg) == ["a-kd,a-ce,b-kd", "b-ce", "a-src,b-src"]
     one = load_config(None, {"distill.candidates_per_step": 1})
-    assert one.candidate_groups() == [c["name"] for c in one.candidates()]
+    assert candidate_groups(one) == [c.name for c in one.candidates()]
 
 
 @pytest.mark.parametrize(
@@ -306,6 +317,8 @@ def test_candidate_groups_keep_one_data_stream_per_step():
     ],
 )
 def test_candidate_groups_put_hint_losses_apart_under_augmentation(augment, groups):
+    from kdflow.objectives import candidate_groups
+
     cfg = load_config(
         None,
         {
@@ -319,5 +332,5 @@ def test_candidate_groups_put_hint_losses_apart_under_augmentation(augment, grou
             "distill.train": {"augment": augment},
         },
     )
-    assert cfg.candidate_groups() == groups
-    assert sorted(",".join(groups).split(",")) == sorted(c["name"] for c in cfg.candidates())
+    assert candidate_groups(cfg) == groups
+    assert sorted(",".join(groups).split(",")) == sorted(c.name for c in cfg.candidates())

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from kdflow import cpus
+from kdflow.runtime import cpus
 
 
 def _v2(tmp_path, text):

@@ -18,9 +18,8 @@ from pydantic import ValidationError
 from kdflow import data
 from kdflow.config import DataConfig
 from kdflow.data import DataError
+from tests.helpers.paths import SHARED_DATA  # the repository sits beside `shared/`: /work/shared/data
 
-# The repository sits beside `shared/`: /work/main/tests/test_data.py → /work/shared/data
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST_DIR = SHARED_DATA / "mnist"
 USPS_DIR = SHARED_DATA / "usps"
 MNIST_TEST_CLASS_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

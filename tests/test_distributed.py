@@ -15,16 +15,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from kdflow import distributed, models
+from kdflow import models
 from kdflow.config import LossConfig, TrainConfig, load_config
-from kdflow.data import Normalizer
-from kdflow.train import Split, accuracy, fit, predict
-from tests.conftest import tiny_overrides
-from tests.test_models_train import quadrants
+from kdflow.data import ImageSet, Normalizer
+from kdflow.engine import ddp
+from kdflow.engine.loop import fit
+from kdflow.evaluate import accuracy, predict
+from kdflow.steps import teacher_ddp
+from tests.helpers.config import tiny_overrides
+from tests.helpers.quadrants import CPU, NORM, quadrants, state
 
-CPU = torch.device("cpu")
 WORLD = 2
-NORM = Normalizer([0.5], [0.5])
 HINT = LossConfig(name="hint", kind="hint", transfer="both")
 # batches of 32 from 99 samples end with 3 (2 on rank 0, 1 on rank 1: unequal shares weigh differently),
 # from 65 samples with 1 (rank 1 gets none and must still take part)
@@ -47,10 +48,6 @@ def plain(width: int, seed: int) -> nn.Module:
         nn.Flatten(),
         nn.Linear(4 * width, 4),
     )
-
-
-def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def ce_run(sizes: list[int] | None = None, **kw):
@@ -88,12 +85,12 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
     try:
         wrapped: list[nn.Module] = []
 
-        class Recording(distributed.DistributedDataParallel):
+        class Recording(ddp.DistributedDataParallel):
             def __init__(self, module, *args, **kwargs):
                 wrapped.append(module)
                 super().__init__(module, *args, **kwargs)
 
-        distributed.DistributedDataParallel = Recording  # this process only: see what fit wraps
+        ddp.DistributedDataParallel = Recording  # this process only: see what fit wraps
         epochs: list[int] = []
         sizes: list[int] = []
         model, ce = ce_run(sizes, on_epoch=lambda e, m: epochs.append(e))
@@ -160,6 +157,7 @@ def assert_close_history(ddp: list[dict], one: list[dict]) -> None:
             assert d[k] == pytest.approx(o[k], rel=1e-5, abs=1e-6), k
 
 
+@pytest.mark.slow  # 2 spawned ranks
 def test_ddp_fit_equals_one_process_on_the_global_batch(ranks, single):
     """Sharding + gradient averaging + loss weighting: 2 ranks on halves of each global batch (random crops, a
     1-sample last batch) train the same weights and log the same train/val numbers as one process."""
@@ -174,6 +172,7 @@ def test_ddp_fit_equals_one_process_on_the_global_batch(ranks, single):
     assert ranks[1]["sizes"] == [16, 16, 16, 1] * CE_CFG.epochs
 
 
+@pytest.mark.slow  # 2 spawned ranks
 def test_ddp_ranks_end_identical_and_only_rank_0_reports(ranks):
     for key in ("ce", "kd", "bn"):  # bn: running statistics too, though each rank normalised its own share
         a, b = ranks[0][key][0], ranks[1][key][0]
@@ -183,6 +182,7 @@ def test_ddp_ranks_end_identical_and_only_rank_0_reports(ranks):
     assert ranks[1]["ce"][3] == []
 
 
+@pytest.mark.slow  # 2 spawned ranks
 def test_ddp_distillation_never_wraps_the_teacher(ranks, single):
     for r in ranks:
         assert r["kd_wrapped"] == ["student", "HintAdapter"]  # the teacher is not among what DDP wrapped
@@ -198,14 +198,14 @@ def test_ddp_distillation_never_wraps_the_teacher(ranks, single):
 def test_sync_batchnorm_swap_is_undone_with_the_trained_values():
     model = models.build("cnn", in_channels=1, num_classes=4, width=4)
     before = {name: type(m) for name, m in model.named_modules()}
-    swaps = distributed.use_sync_batchnorm(model)
+    swaps = ddp.use_sync_batchnorm(model)
     assert len(swaps) == 4 and sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) == 4
     with torch.no_grad():
         for _, _, _, sync in swaps:
             sync.running_mean.add_(1.0)
             sync.weight.mul_(2.0)
     trained = state(model)
-    distributed.restore_batchnorm(swaps)
+    ddp.restore_batchnorm(swaps)
     assert {name: type(m) for name, m in model.named_modules()} == before
     assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
     assert model.features[0][1].running_mean.eq(1.0).all()
@@ -215,35 +215,40 @@ def test_sync_batchnorm_swap_is_undone_with_the_trained_values():
 
 
 def test_teacher_processes_defaults_to_one_per_gpu(monkeypatch, tiny_config):
-    assert distributed.teacher_processes(tiny_config) == 1  # CPU here
+    assert teacher_ddp.teacher_processes(tiny_config) == 1  # CPU here
     cpu3 = tiny_config.model_copy(update={"cluster": tiny_config.cluster.model_copy(update={"teacher_processes": 3})})
-    assert distributed.teacher_processes(cpu3) == 3
+    assert teacher_ddp.teacher_processes(cpu3) == 3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert distributed.teacher_processes(tiny_config) == 2
+    assert teacher_ddp.teacher_processes(tiny_config) == 2
     with pytest.raises(ValueError, match=r"cluster.teacher_processes=3 but only 2 GPU"):
-        distributed.teacher_processes(cpu3)
+        teacher_ddp.teacher_processes(cpu3)
     on_cpu = tiny_config.model_copy(update={"device": "cpu"})
-    assert distributed.teacher_processes(on_cpu) == 1  # device: cpu never fans out over the GPUs
+    assert teacher_ddp.teacher_processes(on_cpu) == 1  # device: cpu never fans out over the GPUs
 
 
+@pytest.mark.slow  # torchrun workers
 def test_launch_failure_names_rank_errors_and_exit_code(tmp_path):
     missing = str(tmp_path / "missing.json")
     args = ["teacher", "--context", missing, "--data-dir", "d", "--out-dir", "o", "--run-id", "r"]
-    with pytest.raises(distributed.WorkerError) as err:
-        distributed.launch(2, [*args, "--error-dir", str(tmp_path)], tmp_path)
+    with pytest.raises(teacher_ddp.WorkerError) as err:
+        teacher_ddp.launch(2, [*args, "--error-dir", str(tmp_path)], tmp_path)
     msg = str(err.value)
     assert "torchrun exit code 1" in msg
     assert f"FileNotFoundError: [Errno 2] No such file or directory: '{missing}'" in msg
     assert "rank 0:" in msg or "rank 1:" in msg
 
 
+@pytest.mark.slow  # torchrun workers
 def test_teacher_step_trains_in_two_torchrun_workers(tmp_path):
     """The real step with cluster.teacher_processes=2: one MLflow run logged by rank 0 only, one checkpoint
     whose weights are those the reported metrics were computed from."""
     import mlflow  # here, not at the top: the spawned ranks above import this module and need none of it
 
-    from kdflow import checkpoint, data, steps
+    from kdflow import data
+    from kdflow.models import checkpoint
+    from kdflow.steps import context
+    from kdflow.steps import teacher as teacher_step
 
     cfg = load_config(
         None,
@@ -259,21 +264,26 @@ def test_teacher_step_trains_in_two_torchrun_workers(tmp_path):
     data_dir, out_dir = str(tmp_path / "data"), tmp_path / "teacher"
     data.prepare(cfg.data, cfg.seed, data_dir)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ctx = steps.StepContext.open(cfg.to_json(), uri, f"ddp-{uuid.uuid4().hex[:8]}", "ddp-test")
+    ctx = context.StepContext.open(
+        config_json=cfg.to_json(),
+        tracking_uri=uri,
+        pipeline_run_id=f"ddp-{uuid.uuid4().hex[:8]}",
+        pipeline_run_name="ddp-test",
+    )
 
-    metrics = steps.train_teacher(ctx, data_dir, str(out_dir))
+    metrics = teacher_step.train_teacher(ctx, data_dir, str(out_dir))
 
-    info = steps.read_info(out_dir)
+    info = context.read_info(out_dir)
     assert info["processes"] == 2 and info["metrics"] == metrics
     files = sorted(p.name for p in out_dir.iterdir())
-    assert files == ["info.json", "model.pt", "spec.json", steps.TEACHER_OUTPUTS_FILE]
+    assert files == ["info.json", "model.pt", "spec.json", teacher_step.TEACHER_OUTPUTS_FILE]
     net, _ = checkpoint.load(out_dir)
     norm = Normalizer.from_manifest(data.read_manifest(data_dir))
     # the logits every distill step reuses belong to exactly the saved teacher and data
-    cached = steps.load_teacher_outputs(net, data.read_manifest(data_dir), str(out_dir))
+    cached = teacher_step.load_teacher_outputs(net, data.read_manifest(data_dir), str(out_dir))
     x_train, _ = data.load_split(data_dir, "target", "train")
     torch.testing.assert_close(cached.target, predict(net, x_train, norm), rtol=1e-5, atol=1e-5)
-    val = Split(*data.load_split(data_dir, "target", "val"))
+    val = ImageSet(*data.load_split(data_dir, "target", "val"))
     assert accuracy(predict(net, val.x, norm), val.y) == metrics["val_top1"]
 
     client = mlflow.MlflowClient(uri)

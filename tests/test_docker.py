@@ -24,7 +24,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.conftest import REPO
+from tests.helpers.paths import REPO
 
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -448,7 +448,7 @@ def test_mlflow_server_command_serves_runs_and_proxies_artifacts(compose, mlflow
     """compose.yaml's MLflow command, with the service names pointed at loopback stand-ins (PostgreSQL, moto
     for MinIO) and --host at 127.0.0.1: runs land in PostgreSQL, artifacts in the bucket root through the proxy,
     and the Host allow-list admits the compose service name but not a stranger."""
-    from tests.servers import LOOPBACK, S3_KEY, S3_SECRET, Server, free_port, postgres_server, s3_server
+    from tests.helpers.servers import LOOPBACK, S3_KEY, S3_SECRET, Server, free_port, postgres_server, s3_server
 
     env_values = read_env_file(ENV_EXAMPLE) | {"POSTGRES_USER": "postgres"}  # the loopback cluster's superuser
     argv = [interpolate(a, env_values) for a in mlflow_argv]

@@ -16,7 +16,7 @@ import yaml
 from mlflow import MlflowClient
 
 from kdflow.config import load_config
-from tests.conftest import tiny_overrides
+from tests.helpers.config import tiny_overrides
 
 pytestmark = pytest.mark.slow
 

@@ -7,43 +7,21 @@ import pytest
 import torch
 from torch import nn
 
-from kdflow import steps
 from kdflow.config import LossConfig
-from kdflow.train import (
-    Student,
-    TeacherOutputs,
-    augment_variant,
-    augment_with_variant,
-    batch_bounds,
-    compute_teacher_outputs,
-    fit,
-    fit_many,
-    teacher_outputs_key,
-)
-from tests.test_models_train import (  # noqa: F401  (one_thread: the module's autouse fixture)
-    CPU,
-    NORM,
-    SOURCE,
-    TRAIN,
-    VAL,
-    cfg,
-    cnn,
-    one_thread,
-    state,
-    train_quadrants,
-)
+from kdflow.data.augment import augment_variant, augment_with_variant
+from kdflow.engine.loop import Student, fit, fit_many
+from kdflow.engine.stream import batch_bounds
+from kdflow.engine.teacher_outputs import TeacherOutputs, compute_teacher_outputs, teacher_outputs_key
+from kdflow.steps import teacher as teacher_step
+from tests.helpers.config import tiny_overrides
+from tests.helpers.quadrants import CPU, NORM, SOURCE, TRAIN, VAL, cfg, cnn, state, train_quadrants
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 KD = LossConfig(name="kd", kind="kd", temperature=4.0, alpha=0.9)
 MSE = LossConfig(name="mse", kind="logit_mse", lam=0.1)
 CE = LossConfig(name="ce", kind="ce")
 HINT = LossConfig(name="hint", kind="hint", beta=1.0)
-
-
-@pytest.fixture(scope="module")
-def teacher() -> nn.Module:
-    t = cnn(8)
-    train_quadrants(t, cfg(4))
-    return t
 
 
 class Dropped(nn.Module):
@@ -251,7 +229,6 @@ def test_teacher_step_writes_the_outputs_distill_steps_can_use(tmp_path, train, 
     from kdflow import data, models
     from kdflow.config import load_config
     from kdflow.data import Normalizer
-    from tests.conftest import tiny_overrides
 
     extra = {"distill.train": train, **({"distill.losses": losses} if losses else {})}
     config = load_config(None, tiny_overrides(**extra))
@@ -262,10 +239,10 @@ def test_teacher_step_writes_the_outputs_distill_steps_can_use(tmp_path, train, 
     assert manifest["tasks"]["target"]["num_classes"] == 10
     torch.manual_seed(2)
     net = models.build("cnn", in_channels=1, num_classes=10, width=8)
-    steps.save_teacher_outputs(config, net, norm, data_dir, manifest, str(tmp_path))
-    loaded = steps.load_teacher_outputs(net, manifest, str(tmp_path))
+    teacher_step.save_teacher_outputs(config, net, norm, data_dir, manifest, str(tmp_path))
+    loaded = teacher_step.load_teacher_outputs(net, manifest, str(tmp_path))
     if shape is None:
-        assert loaded is None and not (tmp_path / steps.TEACHER_OUTPUTS_FILE).exists()
+        assert loaded is None and not (tmp_path / teacher_step.TEACHER_OUTPUTS_FILE).exists()
         return
     x_train, _ = data.load_split(data_dir, "target", "train")
     assert loaded.augment == train.get("augment", "none")
@@ -280,12 +257,12 @@ def test_teacher_outputs_key_follows_weights_and_data(teacher, tmp_path):
     assert key != teacher_outputs_key(teacher, "data-2")
     other = cnn(8, seed=5)
     assert key != teacher_outputs_key(other, "data-1")
-    torch.save({"key": key, "target": torch.zeros(len(TRAIN), 4)}, tmp_path / steps.TEACHER_OUTPUTS_FILE)
+    torch.save({"key": key, "target": torch.zeros(len(TRAIN), 4)}, tmp_path / teacher_step.TEACHER_OUTPUTS_FILE)
     manifest = {"content_hash": "data-1"}
-    loaded = steps.load_teacher_outputs(teacher, manifest, str(tmp_path))
+    loaded = teacher_step.load_teacher_outputs(teacher, manifest, str(tmp_path))
     assert isinstance(loaded, TeacherOutputs) and loaded.key == key
-    assert steps.load_teacher_outputs(other, manifest, str(tmp_path)) is None  # stale: another teacher
-    assert steps.load_teacher_outputs(teacher, {"content_hash": "data-2"}, str(tmp_path)) is None
+    assert teacher_step.load_teacher_outputs(other, manifest, str(tmp_path)) is None  # stale: another teacher
+    assert teacher_step.load_teacher_outputs(teacher, {"content_hash": "data-2"}, str(tmp_path)) is None
 
 
 def test_one_teacher_pass_gives_logits_and_hint_features(teacher):

@@ -9,7 +9,7 @@ import pytest
 
 PROBE = """
 import ctypes, torch
-from kdflow import malloc
+from kdflow.runtime import malloc
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in

@@ -10,20 +10,14 @@ from torch import nn
 
 from kdflow import models
 from kdflow.config import LossConfig, TrainConfig
-from kdflow.data import Normalizer
-from kdflow.train import (
-    Split,
-    accuracy,
-    augment,
-    augment_variant,
-    augment_variants,
-    augment_with_variant,
-    batch_bounds,
-    fit,
-    predict,
-)
+from kdflow.data import ImageSet
+from kdflow.data.augment import augment, augment_variant, augment_variants, augment_with_variant
+from kdflow.engine.loop import fit
+from kdflow.engine.stream import batch_bounds
+from kdflow.evaluate import accuracy, predict
+from tests.helpers.quadrants import CPU, NORM, SOURCE, TRAIN, VAL, cfg, cnn, quadrants, state, train_quadrants
 
-CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 TORCHVISION = {"resnet18", "mobilenet_v3_small"}
 
 # arch → (in_channels, image size) used to build and run it
@@ -37,15 +31,6 @@ INPUTS = {
     "resnet18": (1, 32),
     "mobilenet_v3_small": (1, 32),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when other work shares the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_every_registered_arch_has_an_input_spec():
@@ -226,47 +211,6 @@ def test_augment_variant_rejects_an_index_out_of_range():
 # ------------------------------------------------------------------------------------------------- fit
 
 
-def quadrants(n: int, seed: int) -> Split:
-    """8×8 one-channel uint8 images, 4 classes: the class is which quadrant is bright; the rest is noise."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x = torch.randint(0, 60, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
-    for i, label in enumerate(y.tolist()):
-        r, c = divmod(label, 2)
-        x[i, 0, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 150
-    return Split(x, y)
-
-
-TRAIN, VAL, SOURCE = quadrants(200, 1), quadrants(80, 2), quadrants(64, 3)
-NORM = Normalizer([0.5], [0.5])
-
-
-def cfg(epochs: int = 6, **kw) -> TrainConfig:
-    return TrainConfig(**{"epochs": epochs, "batch_size": 32, "lr": 0.05, **kw})
-
-
-def train_quadrants(model: nn.Module, config: TrainConfig, **kw):
-    """`fit` on the quadrant task with the fixed normaliser, seed 0 and the CPU."""
-    return fit(model, TRAIN, VAL, config, NORM, seed=0, device=CPU, **kw)
-
-
-def cnn(width: int, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return models.build("cnn", in_channels=1, num_classes=4, width=width)
-
-
-@pytest.fixture(scope="module")
-def teacher() -> nn.Module:
-    t = cnn(8)
-    res = train_quadrants(t, cfg(6))
-    assert res.best_val_acc == 1.0
-    return t
-
-
-def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def test_fit_cross_entropy_solves_the_task():
     model = cnn(4)
     seen = []
@@ -326,7 +270,7 @@ def test_fit_never_trains_batchnorm_on_a_lone_sample():
     """A layer whose output is 1×1 cannot batch-normalise one sample: 65 images at batch 64 must still train."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 8), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4, 4))
-    sixty_five = Split(TRAIN.x[:65], TRAIN.y[:65])
+    sixty_five = ImageSet(TRAIN.x[:65], TRAIN.y[:65])
     res = fit(model, sixty_five, VAL, cfg(2, batch_size=64), NORM, seed=0, device=CPU)
     assert len(res.history) == 2
 
@@ -388,7 +332,7 @@ def test_fit_hint_with_wider_teacher_trains(teacher):
 def test_kd_term_is_measured_on_the_configured_transfer_set(teacher, transfer):
     """One full-batch step: the logged KD term is exactly T²·KL(teacher ‖ student) of the initial student on
     the transfer set the config names (target images, source images, or both), and on no other."""
-    from kdflow import losses
+    from kdflow import objectives
 
     source = quadrants(len(TRAIN), 3)  # as many as the target: one full batch covers each source image once
     torch.manual_seed(0)  # no BatchNorm: train and eval mode give the same logits
@@ -412,7 +356,7 @@ def test_kd_term_is_measured_on_the_configured_transfer_set(teacher, transfer):
 
     def kd_on(x):
         with torch.no_grad():
-            return float(losses.kd_kl(start(NORM(x)), teacher.eval()(NORM(x)), 3.0))
+            return float(objectives.kd_kl(start(NORM(x)), teacher.eval()(NORM(x)), 3.0))
 
     expected = {"target": TRAIN.x, "source": source.x, "both": torch.cat([TRAIN.x, source.x])}
     values = {k: kd_on(x) for k, x in expected.items()}
@@ -496,9 +440,9 @@ def test_ce_ignores_transfer_and_needs_no_source():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fit_with_teacher_on_cuda_uses_autocast_and_keeps_weights_on_device():
     from kdflow.config import LossConfig, TrainConfig
-    from kdflow.data import Normalizer
+    from kdflow.data import ImageSet, Normalizer
+    from kdflow.engine.loop import fit
     from kdflow.models import SmallCNN
-    from kdflow.train import Split, fit
 
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(256, 1, 8, 8, generator=g) * 255).to(torch.uint8)
@@ -508,8 +452,8 @@ def test_fit_with_teacher_on_cuda_uses_autocast_and_keeps_weights_on_device():
     student = SmallCNN(1, 2, width=4)
     result = fit(
         student,
-        Split(x, y),
-        Split(x, y),
+        ImageSet(x, y),
+        ImageSet(x, y),
         TrainConfig(epochs=2, batch_size=64),
         Normalizer([0.5], [0.25]),
         seed=0,

@@ -12,6 +12,7 @@ from kdflow import __version__
 from kdflow.cli import app
 from kdflow.config import Config, ConfigError, load_config
 from kdflow.pipelines.compile import compile_pipeline
+from tests.helpers.pipeline import all_tasks
 
 STEPS = {"data-prep", "train-teacher", "prune", "distill", "evaluate", "register", "finalize"}
 GPU_STEPS = {"train-teacher", "distill", "evaluate"}
@@ -27,14 +28,6 @@ def _compile_docs(tmp_path, cfg: Config) -> tuple[dict, dict]:
 
 def _compile(tmp_path, cfg: Config) -> dict:
     return _compile_docs(tmp_path, cfg)[0]
-
-
-def _tasks(spec: dict) -> dict:
-    """Every task of the pipeline by name, whatever DAG (root, exit handler, loop) holds it."""
-    out = dict(spec["root"]["dag"]["tasks"])
-    for comp in spec["components"].values():
-        out.update(comp.get("dag", {}).get("tasks", {}))
-    return out
 
 
 def test_six_components_in_an_exit_handler_and_parallel_for(tmp_path):
@@ -77,7 +70,7 @@ def test_run_parameters_default_to_the_config(tmp_path):
     ]
     one_each = load_config(None, {"distill.candidates_per_step": 1})
     assert _compile(tmp_path, one_each)["root"]["inputDefinitions"]["parameters"]["candidates"]["defaultValue"] == [
-        c["name"] for c in one_each.candidates()
+        c.name for c in one_each.candidates()
     ]
     assert json.loads(params["config_json"]["defaultValue"])["distill"]["train"]["epochs"] == 7
 
@@ -219,7 +212,7 @@ def test_every_step_reads_mlflow_uri_from_config_map_and_s3_keys_from_secret(tmp
 
 
 def test_retries_with_backoff_everywhere_but_registration(tmp_path):
-    tasks = _tasks(_compile(tmp_path, load_config(None, CLUSTER)))
+    tasks = all_tasks(_compile(tmp_path, load_config(None, CLUSTER)))
     for step in STEPS - {"register"}:
         assert tasks[step]["retryPolicy"] == {
             "maxRetryCount": 3,
@@ -232,7 +225,7 @@ def test_retries_with_backoff_everywhere_but_registration(tmp_path):
 
 @pytest.mark.parametrize("cache_data", [True, False])
 def test_caching_on_for_data_prep_only(tmp_path, cache_data):
-    tasks = _tasks(_compile(tmp_path, load_config(None, {"cluster.cache_data_prep": cache_data})))
+    tasks = all_tasks(_compile(tmp_path, load_config(None, {"cluster.cache_data_prep": cache_data})))
     assert tasks["data-prep"]["cachingOptions"] == ({"enableCache": True} if cache_data else {})
     for step in STEPS - {"data-prep"}:
         assert tasks[step]["cachingOptions"] == {}, step  # {} = caching off in the IR
@@ -253,7 +246,7 @@ def test_pipeline_root_and_optional_cluster_wiring(tmp_path):
     path = compile_pipeline(bare, tmp_path / "bare.yaml")
     docs = list(yaml.safe_load_all(path.read_text()))
     assert "defaultPipelineRoot" not in docs[0]
-    tasks = _tasks(docs[0])
+    tasks = all_tasks(docs[0])
     assert all("retryPolicy" not in tasks[s] for s in STEPS)
     executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
     for ex in executors.values():  # only the GPU steps' node placement remains
@@ -272,7 +265,7 @@ def test_bad_cluster_values_are_rejected_with_the_key_named():
 def test_data_from_s3_is_never_served_from_the_cache(tmp_path):
     cfg = load_config(None, {"data.source": "s3://team-data/digits/", "data.image_size": 8})
     assert cfg.cluster.cache_data_prep is True
-    tasks = _tasks(_compile(tmp_path, cfg))
+    tasks = all_tasks(_compile(tmp_path, cfg))
     assert tasks["data-prep"]["cachingOptions"] == {}
 
 

@@ -1,4 +1,5 @@
-"""Unit tests for kdflow.pruning (structured channel pruning) and kdflow.checkpoint (weights-only files)."""
+"""Unit tests for kdflow.models.pruning (structured channel pruning) and kdflow.models.checkpoint (weights-only
+files)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from kdflow import checkpoint, models, pruning
+from kdflow import models
+from kdflow.models import checkpoint, pruning
 
 WIDTH = 8
 IMPORTANCES = ("l1", "l2", "bn_scale", "lamp", "random", "taylor")

@@ -19,9 +19,9 @@ import torch
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
-from kdflow import data, s3
+from kdflow import data
 from kdflow.config import DataConfig
-from kdflow.data import DataError
+from kdflow.data import DataError, s3
 
 CLASSES_A = (0, 1, 2)
 CLASSES_B = (3, 4, 5)

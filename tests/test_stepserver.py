@@ -9,15 +9,17 @@ import sys
 
 import pytest
 
-from kdflow import data, stepserver
+from kdflow import data
 from kdflow.config import load_config
+from kdflow.runner import entrypoints, stepserver
 
 pytestmark = pytest.mark.skipif(not stepserver.available(), reason="the step server needs fork (Linux)")
 
 CALL = """
 import json, sys
-from kdflow.stepserver import run_step
-print(json.dumps(run_step("data_prep", sys.argv[1], sys.argv[2])))
+from kdflow.runner import entrypoints
+from kdflow.runner.stepserver import run_step
+print(json.dumps(run_step(entrypoints.data_prep, config_json=sys.argv[1], data=sys.argv[2])))
 """
 
 
@@ -28,10 +30,12 @@ def _step_process(config_json: str, out: str, env: dict, cwd=None) -> subprocess
     )
 
 
+@pytest.mark.slow  # a warm step server: imports torch, MLflow and every step
 def test_forked_step_equals_in_process_step_and_writes_to_the_callers_output(tmp_path, monkeypatch):
     monkeypatch.delenv(stepserver.SERVER_ENV, raising=False)
     cfg = load_config(None, {})
-    local = stepserver.run_step("data_prep", cfg.to_json(), str(tmp_path / "in-process"))  # no server: in-process
+    # no server: in-process
+    local = stepserver.run_step(entrypoints.data_prep, config_json=cfg.to_json(), data=str(tmp_path / "in-process"))
     assert local["content_hash"] == data.read_manifest(tmp_path / "in-process")["content_hash"]
 
     with stepserver.StepServer(tmp_path / "server.log") as server:
@@ -55,9 +59,12 @@ def test_forked_step_equals_in_process_step_and_writes_to_the_callers_output(tmp
     assert not (tmp_path / "bad" / "manifest.json").exists()
 
 
+@pytest.mark.slow  # a warm step server: imports torch, MLflow and every step
 def test_warm_server_holds_no_threads_before_forking():
     """fork() copies only the calling thread: the warmed-up server must have no other."""
-    code = "import threading; from kdflow import stepserver; stepserver._warm_up(); print(threading.active_count())"
+    code = (
+        "import threading; from kdflow.runner import stepserver; stepserver._warm_up(); print(threading.active_count())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "1"
@@ -75,17 +82,20 @@ def test_no_server_when_off_and_steps_run_in_process(tmp_path, monkeypatch):
     with stepserver.StepServer(tmp_path / "log") as server:
         assert server.proc is None and os.environ[stepserver.SERVER_ENV] == "off"
         # the step processes see "off" too: they run the step themselves instead of looking for a socket
-        result = stepserver.run_step("data_prep", load_config(None, {}).to_json(), str(tmp_path / "data"))
+        result = stepserver.run_step(
+            entrypoints.data_prep, config_json=load_config(None, {}).to_json(), data=str(tmp_path / "data")
+        )
     assert result["content_hash"] == data.read_manifest(tmp_path / "data")["content_hash"]
 
 
+@pytest.mark.slow  # a warm step server: imports torch, MLflow and every step
 def test_sigterm_removes_the_socket_and_exits_zero(tmp_path):
     """Stopping the server (what StepServer's exit does) removes its socket itself and exits with 0."""
     import signal
     import time
 
     sock = tmp_path / "steps.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "kdflow.stepserver", str(sock)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "kdflow.runner.stepserver", str(sock)], stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
         while not sock.exists():

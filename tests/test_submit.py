@@ -16,8 +16,8 @@ from kdflow import submit
 from kdflow.cli import app
 from kdflow.config import Config, load_config
 from kdflow.pipelines.compile import compile_pipeline, pipeline_arguments
-from tests.kfp_standin import KfpStandIn
-from tests.test_pipeline_compile import _tasks
+from tests.helpers.kfp_standin import KfpStandIn
+from tests.helpers.pipeline import all_tasks
 
 ENV = (
     "KF_PIPELINES_TOKEN",
@@ -129,7 +129,7 @@ def test_a_compiled_package_is_submitted_as_is(kfp_api, tmp_path):
 
 
 def _data_prep_caching(pipeline_spec: dict) -> dict:
-    return _tasks(ir(pipeline_spec))["data-prep"]["cachingOptions"]
+    return all_tasks(ir(pipeline_spec))["data-prep"]["cachingOptions"]
 
 
 @pytest.mark.parametrize("schedule", [None, "@daily"])

@@ -14,10 +14,18 @@ import uuid
 
 import pytest
 
-from kdflow import steps
+from kdflow import objectives
 from kdflow.config import load_config
-from tests.conftest import tiny_overrides
-from tests.servers import mlflow_server, postgres_server, s3_server
+from kdflow.steps.context import StepContext
+from kdflow.steps.data_prep import prepare_data, record_data
+from kdflow.steps.distill import distill
+from kdflow.steps.evaluate import evaluate_candidates
+from kdflow.steps.finalize import finalize
+from kdflow.steps.prune import prune_teacher
+from kdflow.steps.register import register
+from kdflow.steps.teacher import train_teacher
+from tests.helpers.config import tiny_overrides
+from tests.helpers.servers import mlflow_server, postgres_server, s3_server
 
 pytestmark = pytest.mark.slow
 
@@ -70,27 +78,32 @@ def test_pipeline_steps_log_to_server_with_postgres_backend_and_s3_artifacts(sta
     cfg = load_config(None, tiny_overrides())
     config_json = cfg.to_json()
     pipeline_run_id = f"server-test-{uuid.uuid4().hex[:8]}"
-    names = [c["name"] for c in cfg.candidates()]
-    groups = cfg.candidate_groups()  # the steps' work: here one step trains both candidates
+    names = [c.name for c in cfg.candidates()]
+    groups = objectives.candidate_groups(cfg)  # the steps' work: here one step trains both candidates
     assert groups == [",".join(names)]
 
-    def ctx() -> steps.StepContext:
+    def ctx() -> StepContext:
         """Every step opens its own context, as each pod does."""
-        return steps.StepContext.open(config_json, server.url, pipeline_run_id, "server-test")
+        return StepContext.open(
+            config_json=config_json,
+            tracking_uri=server.url,
+            pipeline_run_id=pipeline_run_id,
+            pipeline_run_name="server-test",
+        )
 
     data, teacher, pruned = (str(tmp_path / d) for d in ("data", "teacher", "pruned"))
-    steps.prepare_data(cfg, data)  # store-free
+    prepare_data(cfg, data)  # store-free
     first = ctx()
-    steps.record_data(first, data)
-    steps.train_teacher(first, data, teacher)
-    steps.prune_teacher(ctx(), data, teacher, pruned)
+    record_data(first, data)
+    train_teacher(first, data, teacher)
+    prune_teacher(ctx(), data, teacher, pruned)
     students = [str(tmp_path / "students" / str(i)) for i in range(len(groups))]
     reports = [str(tmp_path / "reports" / f"{i}.json") for i in range(len(groups))]
     for group, student, report in zip(groups, students, reports):
-        steps.distill(ctx(), group.split(","), data, teacher, pruned, student)
-        steps.evaluate_candidates(ctx(), data, teacher, student, report)
-    summary = steps.register(ctx(), data, teacher, students, reports, str(tmp_path / "decision.json"))
-    assert steps.finalize(ctx(), succeeded=True) == []  # the exit handler: nothing was left RUNNING
+        distill(ctx(), group.split(","), data, teacher, pruned, student)
+        evaluate_candidates(ctx(), data, teacher, student, report)
+    summary = register(ctx(), data, teacher, students, reports, str(tmp_path / "decision.json"))
+    assert finalize(ctx(), succeeded=True) == []  # the exit handler: nothing was left RUNNING
     decision = summary["decision"]
     assert decision["promoted"] and decision["champion_version"] is not None, decision
 

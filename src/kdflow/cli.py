@@ -126,42 +126,58 @@ def compile_(
     console.print(f"wrote {path} ({len(cfg.candidates())} candidates)")
 
 
+PACKAGE_OPT = typer.Option(
+    None, "--package", help="Submit this compiled YAML (from `kdflow compile`) instead of compiling the config."
+)
+HOST_OPT = typer.Option(
+    None,
+    "--host",
+    envvar="KF_PIPELINES_ENDPOINT",
+    help="KFP API URL, e.g. http://localhost:8080 (port-forwarded ml-pipeline-ui) or https://<kubeflow>/pipeline.",
+)
+NAMESPACE_OPT = typer.Option(None, "--namespace", "-n", help="Profile namespace (multi-user Kubeflow).")
+EXPERIMENT_OPT = typer.Option(None, help="KFP experiment, created when missing (default: the config's experiment).")
+RUN_NAME_OPT = typer.Option(None, help="Run name (default: <experiment>-<UTC timestamp>).")
+PARAM_OPT = typer.Option(
+    None, "--param", help="Run parameter k=v: tracking_uri, candidates (a YAML list of names) or config_json."
+)
+TOKEN_OPT = typer.Option(
+    None,
+    help="Bearer token (default: $KF_PIPELINES_TOKEN, else the service-account token at "
+    "$KF_PIPELINES_SA_TOKEN_PATH or /var/run/secrets/kubeflow/pipelines/token).",
+)
+WAIT_OPT = typer.Option(False, "--wait", help="Follow the run to its end; exit 1 unless it succeeded.")
+TIMEOUT_OPT = typer.Option(86400.0, min=0, help="With --wait: give up after this many seconds.")
+POLL_OPT = typer.Option(
+    15.0, min=0.01, help="With --wait: seconds between status checks (not 0: that would hammer the API)."
+)
+SCHEDULE_OPT = typer.Option(
+    None,
+    help="Create a recurring run instead, on this cron (UTC): 6 fields with seconds first as KFP expects, "
+    "e.g. '0 0 3 * * 0' (Sundays 03:00); 5 standard fields get seconds=0 prepended; @daily, @every 24h.",
+)
+
+
+def _fail(message: object, code: int) -> typer.Exit:
+    console.print(f"[red]error:[/red] {escape(str(message))}", soft_wrap=True)
+    return typer.Exit(code)
+
+
 @app.command()
 def submit(
     config: Path | None = CONFIG_OPT,
     set_: list[str] | None = SET_OPT,
-    package: Path | None = typer.Option(
-        None, "--package", help="Submit this compiled YAML (from `kdflow compile`) instead of compiling the config."
-    ),
-    host: str | None = typer.Option(
-        None,
-        "--host",
-        envvar="KF_PIPELINES_ENDPOINT",
-        help="KFP API URL, e.g. http://localhost:8080 (port-forwarded ml-pipeline-ui) or https://<kubeflow>/pipeline.",
-    ),
-    namespace: str | None = typer.Option(None, "--namespace", "-n", help="Profile namespace (multi-user Kubeflow)."),
-    experiment: str | None = typer.Option(
-        None, help="KFP experiment, created when missing (default: the config's experiment)."
-    ),
-    run_name: str | None = typer.Option(None, help="Run name (default: <experiment>-<UTC timestamp>)."),
-    param: list[str] | None = typer.Option(
-        None, "--param", help="Run parameter k=v: tracking_uri, candidates (a YAML list of names) or config_json."
-    ),
-    token: str | None = typer.Option(
-        None,
-        help="Bearer token (default: $KF_PIPELINES_TOKEN, else the service-account token at "
-        "$KF_PIPELINES_SA_TOKEN_PATH or /var/run/secrets/kubeflow/pipelines/token).",
-    ),
-    wait: bool = typer.Option(False, "--wait", help="Follow the run to its end; exit 1 unless it succeeded."),
-    timeout: float = typer.Option(86400.0, min=0, help="With --wait: give up after this many seconds."),
-    poll_interval: float = typer.Option(
-        15.0, min=0.01, help="With --wait: seconds between status checks (not 0: that would hammer the API)."
-    ),
-    schedule: str | None = typer.Option(
-        None,
-        help="Create a recurring run instead, on this cron (UTC): 6 fields with seconds first as KFP expects, "
-        "e.g. '0 0 3 * * 0' (Sundays 03:00); 5 standard fields get seconds=0 prepended; @daily, @every 24h.",
-    ),
+    package: Path | None = PACKAGE_OPT,
+    host: str | None = HOST_OPT,
+    namespace: str | None = NAMESPACE_OPT,
+    experiment: str | None = EXPERIMENT_OPT,
+    run_name: str | None = RUN_NAME_OPT,
+    param: list[str] | None = PARAM_OPT,
+    token: str | None = TOKEN_OPT,
+    wait: bool = WAIT_OPT,
+    timeout: float = TIMEOUT_OPT,
+    poll_interval: float = POLL_OPT,
+    schedule: str | None = SCHEDULE_OPT,
 ) -> None:
     """Submit the pipeline to Kubeflow Pipelines: one run, or with --schedule a recurring run."""
     import tempfile
@@ -169,22 +185,18 @@ def submit(
     from kdflow import submit as kfp
     from kdflow.pipelines.compile import compile_pipeline
 
-    def fail(message: object, code: int) -> typer.Exit:
-        console.print(f"[red]error:[/red] {escape(str(message))}", soft_wrap=True)
-        return typer.Exit(code)
-
     if package is not None and (config is not None or set_):
-        raise fail("--package is already compiled: pass either --package or --config/--set", 2)
+        raise _fail("--package is already compiled: pass either --package or --config/--set", 2)
     if wait and schedule is not None:
-        raise fail("--wait follows one run, --schedule creates a recurring run: pass one of them", 2)
+        raise _fail("--wait follows one run, --schedule creates a recurring run: pass one of them", 2)
     if not host:
-        raise fail("no KFP API given: pass --host URL or set $KF_PIPELINES_ENDPOINT", 2)
+        raise _fail("no KFP API given: pass --host URL or set $KF_PIPELINES_ENDPOINT", 2)
     try:  # the checks that need no package first
         host, params, auth = kfp.check_host(host), kfp.parse_params(param), kfp.resolve_auth(token)
         if schedule is not None:
             kfp.kfp_cron(schedule)
     except kfp.SubmitError as err:
-        raise fail(err, 2) from None
+        raise _fail(err, 2) from None
     with tempfile.TemporaryDirectory(prefix="kdflow-submit-") as tmp:
         if package is None:
             package = compile_pipeline(_load(config, set_), Path(tmp) / "kdflow-pipeline.yaml")
@@ -194,9 +206,15 @@ def submit(
             client, namespace = kfp.open_client(host, auth, namespace)
             sub = kfp.submit(client, host, plan, namespace)
         except kfp.SubmitError as err:
-            raise fail(err, 2) from None
+            raise _fail(err, 2) from None
         except kfp.KfpError as err:
-            raise fail(err, 1) from None
+            raise _fail(err, 1) from None
+    _print_submission(sub)
+    if wait and not sub.recurring:
+        _follow(client, host, sub.id, timeout, poll_interval)
+
+
+def _print_submission(sub) -> None:
     made = "created" if sub.experiment_created else "existing"
     console.print(f"experiment {escape(sub.experiment)} ({made}, id {sub.experiment_id})", soft_wrap=True)
     if sub.recurring:
@@ -205,19 +223,23 @@ def submit(
         return
     console.print(f"run {escape(sub.name)}", soft_wrap=True)
     console.print(f"run id: {sub.id}\nurl: {sub.url}", soft_wrap=True, highlight=False)
-    if not wait:
-        return
+
+
+def _follow(client, host: str, run_id: str, timeout: float, poll_interval: float) -> None:
+    """--wait: print each state change; exit 1 unless the run succeeds."""
+    from kdflow import submit as kfp
+
     try:
         run = kfp.wait_for_run(
             client,
             host,
-            sub.id,
+            run_id,
             timeout=timeout,
             poll_interval=poll_interval,
             on_state=lambda state: console.print(f"  state: {state}"),
         )
     except kfp.KfpError as err:
-        raise fail(err, 1) from None
+        raise _fail(err, 1) from None
     if run.state != kfp.SUCCEEDED:
         why = kfp.run_error(run)
         console.print(f"[red]run {run.state}[/red]{': ' + escape(why) if why else ''}", soft_wrap=True)

@@ -14,10 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be run; the message names the offending key and value."""
-
+from kdflow.errors import ConfigError
 
 # the architectures `kdflow.models.MODELS` builds, named here so a config is checked without importing torch
 # (a test keeps the two lists equal)
@@ -32,6 +29,10 @@ ARCHITECTURES = (
     "mobilenet_v3_small",
 )
 Architecture = Literal[ARCHITECTURES]
+
+# the objective kinds `kdflow.objectives.OBJECTIVES` registers, named here for the same reason (a test keeps the
+# two equal): what each one needs (a teacher, features, source images) is the objective class's to say
+OBJECTIVE_KINDS = ("ce", "kd", "logit_mse", "hint")
 
 
 def _distinct(values: list[int] | None, what: str) -> list[int] | None:
@@ -164,25 +165,26 @@ class StudentConfig(_Section):
 
 
 class LossConfig(_Section):
-    """How a student learns: the objective kind and its weights (see `kdflow.losses.objective`)."""
+    """How a student learns: the objective kind and its weights (see `kdflow.objectives`)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
-    kind: Literal["ce", "kd", "logit_mse", "hint"]
+    kind: Literal[OBJECTIVE_KINDS]
     temperature: float = Field(4.0, gt=0.0, le=100.0)
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     lam: float = Field(1.0, ge=0.0, le=1e4)
     beta: float = Field(1.0, ge=0.0, le=1e4)
     transfer: Literal["target", "source", "both"] = "target"
 
-    @property
-    def needs_teacher(self) -> bool:
-        """Every objective but plain cross-entropy has a distillation term, computed from teacher outputs."""
-        return self.kind != "ce"
+
+class Candidate(_Section):
+    """One cell of the candidate grid: a student trained with one loss, named `<student>-<loss>`."""
+
+    student: StudentConfig
+    loss: LossConfig
 
     @property
-    def uses_source_data(self) -> bool:
-        """The distillation term's transfer set includes source-task images (`transfer: source | both`)."""
-        return self.needs_teacher and self.transfer != "target"
+    def name(self) -> str:
+        return f"{self.student.name}-{self.loss.name}"
 
 
 class DistillConfig(_Section):
@@ -344,32 +346,16 @@ class Config(_Section):
                 )
         return self
 
-    def candidates(self) -> list[dict[str, Any]]:
-        """The student × loss grid as plain dicts: the items the pipeline's ParallelFor iterates over."""
-        return [
-            {"name": f"{s.name}-{l.name}", "student": s.model_dump(), "loss": l.model_dump()}
-            for s in self.distill.students
-            for l in self.distill.losses
-        ]
+    def candidates(self) -> list[Candidate]:
+        """The student × loss grid, students first: what the pipeline's distill steps train."""
+        return [Candidate(student=s, loss=l) for s in self.distill.students for l in self.distill.losses]
 
-    def candidate_groups(self) -> list[str]:
-        """The distill steps' work: candidate names joined by "," in groups of `distill.candidates_per_step`,
-        those whose transfer sets use source images grouped apart (one data stream per step). With random
-        augmentation hint losses are grouped apart too: they need the teacher's features on every batch, while
-        the others look its logits up in the teacher step's crop table (`kdflow.train.TeacherOutputs`), which
-        one hint candidate in their step would make them give up."""
-        k = self.distill.candidates_per_step
-        augmenting = self.distill.train.augment != "none"
-
-        def kind(c: dict) -> tuple[bool, bool]:
-            loss = LossConfig(**c["loss"])
-            return loss.uses_source_data, augmenting and loss.kind == "hint"
-
-        groups: list[list[str]] = []
-        for key in ((False, False), (False, True), (True, False), (True, True)):
-            names = [c["name"] for c in self.candidates() if kind(c) == key]
-            groups += [names[i : i + k] for i in range(0, len(names), k)]
-        return [",".join(g) for g in groups]
+    def candidate(self, name: str) -> Candidate:
+        """The grid's candidate called `name`; an unknown name lists the known ones."""
+        for c in self.candidates():
+            if c.name == name:
+                return c
+        raise ConfigError(f"unknown candidate {name!r}; the config defines {[c.name for c in self.candidates()]}")
 
     def with_local_paths(self, base: Path) -> Config:
         """A copy whose local data paths are absolute, so steps running in other folders find the data."""

@@ -16,10 +16,29 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdflow.config import EvalConfig
+from kdflow.models.zoo import count_params
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, normalizer: nn.Module, batch_size: int = 512) -> torch.Tensor:
+    """Logits (N, K) for uint8 images, in eval mode, on the model's device; returned on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    normalizer = normalizer.to(device)
+    out = [model(normalizer(x[i : i + batch_size].to(device))).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out)
+
 
 def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
+    """Share of rows whose label is among the k largest logits (labels on any device)."""
     topk = logits.topk(min(k, logits.shape[1]), dim=1).indices  # (N, k)
-    return float((topk == y[:, None]).any(dim=1).float().mean())
+    return float((topk == y.to(logits.device)[:, None]).any(dim=1).float().mean())
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy."""
+    return topk_accuracy(logits, y, 1)
 
 
 def confusion_matrix(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> np.ndarray:
@@ -81,6 +100,21 @@ def cpu_latency_ms(
     finally:
         torch.set_num_threads(previous)
     return statistics.median(times)
+
+
+def profile(model: nn.Module, example: torch.Tensor, size_bytes: int, cfg: EvalConfig) -> dict:
+    """Size and speed of a model on the CPU: params, serialized bytes, FLOPs/MACs per image, and latency at each
+    of `cfg.latency_batch_sizes` (ms, median of the timed runs). `example` is a normalised input batch."""
+    model = model.cpu().eval()
+    example = example.cpu()
+    out = {"params": count_params(model), "size_bytes": size_bytes}
+    out["flops"] = flops(model, example)
+    out["macs"] = out["flops"] // 2
+    for b in cfg.latency_batch_sizes:
+        out[f"latency_ms_b{b}"] = cpu_latency_ms(
+            model, example, b, cfg.latency_warmup, cfg.latency_repeats, cfg.latency_threads
+        )
+    return out
 
 
 def classification_report(

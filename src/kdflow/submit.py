@@ -179,7 +179,7 @@ def run_parameters(spec: dict, overrides: dict[str, str]) -> tuple[dict[str, Any
         except (ConfigError, ValueError) as err:
             raise SubmitError(f"run parameter config_json is not a valid kdflow config: {err}") from None
     if cfg is not None and "candidates" in params:
-        known = [c["name"] for c in cfg.candidates()]
+        known = [c.name for c in cfg.candidates()]
         # items are candidate names, or names joined by "," to train together in one step
         missing = [n for item in params["candidates"] for n in str(item).split(",") if n.strip() not in known]
         if missing:

@@ -178,7 +178,7 @@ def open_child_run(experiment_id: str, parent_id: str, name: str, step: str, tag
 
 
 def epoch_logger(label: str, epochs: int, prefix: str = "", run_id: str | None = None, flush_every_s: float = 10.0):
-    """An `on_epoch` callback for `kdflow.train.fit`: prints one progress line (the local runner shows lines
+    """An `on_epoch` callback for `kdflow.engine.loop.fit`: prints one progress line (the local runner shows lines
     starting with PROGRESS_PREFIX) and logs each epoch's metrics to MLflow (the active run, or `run_id`).
     Metrics are sent in batches, at least every `flush_every_s` seconds and after the last epoch: one store
     round trip per epoch costs more than a small model's epoch."""
@@ -257,3 +257,17 @@ def log_model(model, example, name: str = "model") -> str:
 def _chunks(items: list, n: int) -> Iterator[list]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
+
+
+def client():
+    """An MLflow client of this process's store."""
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def load_pytorch_model(model_uri: str):
+    """A logged PyTorch model (`models:/...`, `runs:/...`), loaded for scoring."""
+    import mlflow.pytorch
+
+    return mlflow.pytorch.load_model(model_uri)

@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdflow import filelock
-from kdflow.data import DataError
+from kdflow.errors import DataError
+from kdflow.runtime import filelock
 
 SCHEME = "s3://"
 # What torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS); other files are never fetched.
@@ -152,7 +152,7 @@ def fetch(uri: str, cache_root: str | Path, *, offline: bool = False, page_size:
 
 @contextlib.contextmanager
 def _locked(final: Path) -> Iterator[None]:
-    """One fetch of a location at a time among the processes sharing the cache (`kdflow.filelock`). Under the
+    """One fetch of a location at a time among the processes sharing the cache (`kdflow.runtime.filelock`). Under the
     lock, leftovers of a fetch that was killed mid-way (its staging folder, or the previous version it was
     swapping out) are removed."""
     with filelock.exclusive(final.parent / f"{final.name}.lock"):

@@ -2,7 +2,7 @@
 
 Torch-Pruning traces the dependency graph (a conv's output channels, the next BN, the next conv's input
 channels, residual additions) and removes coupled channels together. The classifier's outputs are kept. The
-result is saved like any other model (`kdflow.checkpoint`): layer shapes as JSON, tensors weights-only.
+result is saved like any other model (`kdflow.models.checkpoint`): layer shapes as JSON, tensors weights-only.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from kdflow import models
+from kdflow.models import zoo as models
 
 IMPORTANCE = {
     "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),

@@ -19,10 +19,11 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 SERVER_ENV = "KDFLOW_STEP_SERVER"  # path of the server's Unix socket
-PARALLEL_THREADS_ENV = "KDFLOW_PARALLEL_THREADS"  # set by the local runner: CPU threads per ParallelFor step
+ENTRYPOINTS = "kdflow.runner.entrypoints"  # the only module whose functions the server runs
 READY = "kdflow step server ready"
 
 
@@ -50,7 +51,7 @@ class StepServer:
         self.sock_dir = tempfile.mkdtemp(prefix="kdflow-")  # Unix socket paths must stay short
         self.sock = os.path.join(self.sock_dir, "steps.sock")
         with self.log_path.open("a") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "kdflow.stepserver", self.sock], stderr=err)
+            self.proc = subprocess.Popen([sys.executable, "-m", "kdflow.runner.stepserver", self.sock], stderr=err)
         os.environ[SERVER_ENV] = self.sock
 
     def __enter__(self) -> StepServer:
@@ -92,24 +93,24 @@ def _connect(path: str, timeout_s: float = 300.0) -> socket.socket:
             time.sleep(0.05)
 
 
-def run_step(name: str, *args, **kwargs):
-    """Call `kdflow.entrypoints.<name>(*args, **kwargs)`: in a forked child of the step server when one is
-    announced in the environment, else right here."""
+def run_step(fn: Callable, **kwargs):
+    """Call the entry point `fn` (a function of `kdflow.runner.entrypoints`) with `kwargs`: in a forked child of
+    the step server when one is announced in the environment, else right here."""
+    if fn.__module__ != ENTRYPOINTS:
+        raise ValueError(f"run_step runs the functions of {ENTRYPOINTS}, not {fn.__module__}.{fn.__qualname__}")
     path = os.environ.get(SERVER_ENV)
     if not path or path == "off":
-        from kdflow import entrypoints
-
-        return getattr(entrypoints, name)(*args, **kwargs)
+        return fn(**kwargs)
     sys.stdout.flush()
     sys.stderr.flush()
     with _connect(path) as conn:
-        request = json.dumps({"name": name, "args": args, "kwargs": kwargs, "cwd": os.getcwd()}).encode()
+        request = json.dumps({"name": fn.__name__, "kwargs": kwargs, "cwd": os.getcwd()}).encode()
         socket.send_fds(conn, [request + b"\n"], [sys.stdout.fileno(), sys.stderr.fileno()])
         reply = _read_line(conn)
     if reply is None:
-        raise StepFailed(f"step {name}: the step server's child died without a reply (killed?)")
+        raise StepFailed(f"step {fn.__name__}: the step server's child died without a reply (killed?)")
     if "error" in reply:
-        raise StepFailed(f"step {name} failed: {reply['error']}")
+        raise StepFailed(f"step {fn.__name__} failed: {reply['error']}")
     return reply["result"]
 
 
@@ -142,7 +143,14 @@ def _warm_up() -> None:
     import torch.export._trace  # noqa: F401  (what export() itself loads on first use)
     import torch_pruning  # noqa: F401
 
-    from kdflow import entrypoints, evaluate, pruning, steps  # noqa: F401
+    import kdflow.models.pruning  # noqa: F401
+    import kdflow.runner.entrypoints  # noqa: F401
+    import kdflow.steps.data_prep  # noqa: F401
+    import kdflow.steps.distill  # noqa: F401  (and through it the engine, the teacher step and the context)
+    import kdflow.steps.evaluate  # noqa: F401
+    import kdflow.steps.finalize  # noqa: F401
+    import kdflow.steps.prune  # noqa: F401
+    import kdflow.steps.register  # noqa: F401
 
     # what MLflow's start_run imports on the side: IPython (its Databricks probe looks for a notebook shell,
     # 0.2 s in every step otherwise) and GitPython (the run's source-version tag). Both optional.
@@ -174,9 +182,8 @@ def _child(conn: socket.socket, fds: list[int], request: dict) -> None:
         for fd in fds:
             os.close(fd)
         os.chdir(request["cwd"])
-        from kdflow import entrypoints
-
-        result = getattr(entrypoints, request["name"])(*request["args"], **request["kwargs"])
+        entrypoint = getattr(importlib.import_module(ENTRYPOINTS), request["name"])
+        result = entrypoint(**request["kwargs"])
         reply = {"result": result}
     except BaseException as err:  # reported to the step's process, which fails with it
         traceback.print_exc()

@@ -44,3 +44,19 @@ def fit_threads_to_cpus() -> int:
     if torch.get_num_threads() > usable:
         torch.set_num_threads(usable)
     return torch.get_num_threads()
+
+
+PARALLEL_THREADS_ENV = "KDFLOW_PARALLEL_THREADS"  # set by the local runner: CPU threads per ParallelFor step
+
+
+def share_cores() -> int:
+    """Steps inside the ParallelFor run side by side locally: each takes its share of the cores (the local
+    runner sets PARALLEL_THREADS_ENV), or it would claim every one. Elsewhere (a pod) torch's threads are capped
+    at the CPUs the container's quota allows. Returns the thread count."""
+    import torch
+
+    threads = os.environ.get(PARALLEL_THREADS_ENV)
+    if threads:
+        torch.set_num_threads(int(threads))
+        return torch.get_num_threads()
+    return fit_threads_to_cpus()

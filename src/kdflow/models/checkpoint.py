@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdflow import models
+from kdflow.models import zoo as models
 
 SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features")
 WEIGHTS_FILE = "model.pt"

@@ -3,7 +3,7 @@
 Every network maps normalised images (N, C, H, W) to logits (N, num_classes). `replace_head` gives a
 network a fresh classifier for transfer learning; `hint_layer` names the module whose output feature hints
 match. A network is described by a JSON-able *spec* (arch, kwargs, in_channels, num_classes), which together
-with a plain state dict (and, after pruning, the changed layer shapes, see `kdflow.pruning`) rebuilds it.
+with a plain state dict (and, after pruning, the changed layer shapes, see `kdflow.models.pruning`) rebuilds it.
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-class ModelError(ValueError):
-    """An unknown architecture or bad architecture arguments."""
-
+from kdflow.errors import ModelError
 
 # ------------------------------------------------------------------------------------------------ small CNN
 

@@ -1,0 +1,96 @@
+"""A prepared dataset: both tasks split, written as weights-only tensor files plus a manifest (classes, shapes,
+counts, normalisation, content hash, and the URI, ETags and SHA-256 of s3:// sources), and read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from kdflow.config import DataConfig
+from kdflow.data.sources import ImageSet
+from kdflow.data.splits import build_tasks, split_task
+
+SPLITS = ("train", "val", "test")
+TASKS = ("source", "target")
+
+
+def tensor_hash(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
+    """Build both tasks, split them, write `<task>_<split>.pt` files and `manifest.json`; return the manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    origins: dict[str, dict] = {}  # s3:// lineage of the very copies read (another run may refresh the cache)
+    source, target = build_tasks(cfg, seed, origins)
+    splits = {"source": split_task(source, cfg, "source", seed), "target": split_task(target, cfg, "target", seed)}
+
+    train_x = splits["source"]["train"].x.float() / 255.0  # normalisation the teacher first learns with
+    mean = train_x.mean(dim=(0, 2, 3)).tolist()
+    std = train_x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+    manifest: dict = {"setup": cfg.setup, "seed": seed, "normalization": {"mean": mean, "std": std}, "tasks": {}}
+    hashes = []
+    for task in TASKS:
+        ds = source if task == "source" else target
+        spec = cfg.source if task == "source" or cfg.setup != "cross_dataset" else cfg.target
+        manifest["tasks"][task] = {
+            "spec": spec,
+            "classes": ds.classes,
+            "num_classes": len(ds.classes),
+            "shape": list(ds.x.shape[1:]),
+            "counts": {name: len(p.x) for name, p in splits[task].items()},
+        }
+        origin = origins.get(spec)
+        if origin is not None:
+            manifest["tasks"][task]["origin"] = origin
+        for name, part in splits[task].items():
+            torch.save({"x": part.x, "y": part.y}, out / f"{task}_{name}.pt")
+            hashes.append(tensor_hash(part.x, part.y))
+    manifest["content_hash"] = hashlib.sha256("".join(hashes).encode()).hexdigest()
+    manifest["target_test_hash"] = hashes[TASKS.index("target") * 3 + SPLITS.index("test")]
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------ reading it back
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    return json.loads((Path(data_dir) / "manifest.json").read_text())
+
+
+def load_split(data_dir: str | Path, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images, int64 labels) of one split; weights-only, so no code is ever unpickled."""
+    blob = torch.load(Path(data_dir) / f"{task}_{split}.pt", weights_only=True)
+    return blob["x"], blob["y"]
+
+
+class Normalizer(torch.nn.Module):
+    """uint8 (N, C, H, W) → float, normalised with the manifest's mean/std; runs on the batch's device."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> Normalizer:
+        return cls(manifest["normalization"]["mean"], manifest["normalization"]["std"])
+
+
+def load_imageset(data_dir: str | Path, task: str, split: str) -> ImageSet:
+    """One split as an ImageSet (no class names: the manifest has them)."""
+    return ImageSet(*load_split(data_dir, task, split))

@@ -1,0 +1,109 @@
+"""What every step shares: the step context (config + where its MLflow runs go), the model that is registered,
+the small files steps hand each other (`info.json`, a distill step's `candidates.json`) and their paths."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdflow import evaluate, tracking
+from kdflow.config import Config, config_from_json
+from kdflow.data import ImageSet, Normalizer, load_imageset, load_split
+from kdflow.data.dataset import SPLITS
+from kdflow.models import checkpoint
+from kdflow.runtime import timing
+
+INFO_FILE = "info.json"  # each step output's run id, model URI and metrics
+GROUP_FILE = "candidates.json"  # a distill step's output: the names of its candidates, each in a subfolder
+
+
+@dataclass
+class StepContext:
+    """What every step needs: the validated config and where its MLflow runs go."""
+
+    cfg: Config
+    tracking_uri: str
+    experiment_id: str
+    parent_id: str
+    pipeline_run_id: str
+
+    @classmethod
+    def open(
+        cls, *, config_json: str, tracking_uri: str, pipeline_run_id: str, pipeline_run_name: str
+    ) -> StepContext:
+        """From the pipeline-run strings every component passes on: the config, the MLflow store, the KFP run."""
+        cfg = config_from_json(config_json)
+        uri = tracking.resolve_tracking_uri(tracking_uri or None)
+        exp = tracking.ensure_experiment(cfg.experiment, uri)  # also points this process at the store
+        parent = tracking.parent_run_id(exp, pipeline_run_id, pipeline_run_name or pipeline_run_id, cfg.flat())
+        return cls(cfg, uri, exp, parent, pipeline_run_id)
+
+    @contextlib.contextmanager
+    def child(self, name: str, step: str, tags: dict[str, str] | None = None):
+        """A child run of the pipeline's parent run; a failure marks both FAILED in MLflow."""
+        try:
+            with tracking.child_run(self.experiment_id, self.parent_id, name, step, tags) as run:
+                yield run
+        except BaseException:
+            tracking.end_run(self.parent_id, "FAILED")
+            raise
+
+
+class ServingModel(nn.Sequential):
+    """What is registered: normalisation + network, so callers send raw pixels as float32 (N, C, H, W) in
+    [0, 255] and get logits (N, classes)."""
+
+    def __init__(self, normalizer: Normalizer, net: nn.Module):
+        super().__init__(normalizer, net)
+
+
+def splits(data_dir: str, task: str) -> dict[str, ImageSet]:
+    return {s: load_imageset(data_dir, task, s) for s in SPLITS}
+
+
+def write_info(directory: str | Path, info: dict) -> None:
+    (Path(directory) / INFO_FILE).write_text(json.dumps(info, indent=1))
+
+
+def read_info(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / INFO_FILE).read_text())
+
+
+def log_servable(model: nn.Module, normalizer: Normalizer, data_dir: str) -> str:
+    """Log `model` behind its normaliser as the active run's servable pt2 model; returns its `models:/` URI."""
+    x, _ = load_split(data_dir, "target", "val")
+    return tracking.log_model(ServingModel(normalizer, model), x[:4].float())
+
+
+def profile(model: nn.Module, normalizer: Normalizer, data_dir: str, cfg: Config, ckpt_dir: str) -> dict:
+    """Size and speed of a model (`evaluate.profile`), on normalised target images, with its checkpoint's size."""
+    with timing.compute():
+        x, _ = load_split(data_dir, "target", "train")
+        example = normalizer(x[:8]).cpu()
+        return evaluate.profile(model, example, checkpoint.file_size(ckpt_dir), cfg.evaluate)
+
+
+def pruned_dir(root: str | Path, ratio: float) -> Path:
+    """Where the prune step writes the network pruned at `ratio`."""
+    return Path(root) / f"ratio-{ratio:g}"
+
+
+def write_group(student_dir: str | Path, names: list[str]) -> None:
+    Path(student_dir).mkdir(parents=True, exist_ok=True)
+    (Path(student_dir) / GROUP_FILE).write_text(json.dumps(names))
+
+
+def candidate_dirs(student_dir: str | Path) -> list[Path]:
+    """The per-candidate folders of one distill step's output, in the order they were trained."""
+    names = json.loads((Path(student_dir) / GROUP_FILE).read_text())
+    return [Path(student_dir) / n for n in names]
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A local state dict, weights only (no code is unpickled)."""
+    return torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)

@@ -1,0 +1,155 @@
+"""Step 4, distillation: train candidates (a student × a loss each) on the target task with the teacher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdflow import data, objectives, tracking
+from kdflow.config import Candidate
+from kdflow.data import ImageSet
+from kdflow.engine.device import resolve_device, seed_everything
+from kdflow.engine.loop import FitResult, Student, fit_many
+from kdflow.engine.teacher_outputs import TeacherOutputs
+from kdflow.models import checkpoint, zoo
+from kdflow.runtime import cpus, timing
+from kdflow.steps.context import StepContext, log_servable, pruned_dir, read_info, splits, write_group, write_info
+from kdflow.steps.teacher import load_teacher_outputs
+
+
+@dataclass
+class _Trainee:
+    """One candidate of the step: what `fit_many` trains, its checkpoint spec, lineage tags and MLflow run."""
+
+    student: Student
+    spec: dict
+    lineage: dict[str, str]
+    run_id: str
+
+
+def distill(
+    ctx: StepContext, names: list[str], data_dir: str, teacher_dir: str, pruned_root: str, out_dir: str
+) -> dict[str, dict]:
+    """Train candidates on the target task with the teacher's soft targets; returns each one's best
+    validation accuracy and epoch.
+
+    The candidates of one step train side by side over one data stream (`fit_many`): each batch's teacher
+    outputs serve all of them, and they come from `teacher_outputs.pt`, which the teacher step computed once
+    (without random augmentation, or as a table over every crop variant when that pays). Each candidate gets
+    its own MLflow run and its own folder `out_dir/<name>`."""
+    cpus.share_cores()
+    cfg = ctx.cfg
+    if not names:
+        raise ValueError("distill got no candidates")
+    cands = [cfg.candidate(n) for n in names]
+    manifest = data.read_manifest(data_dir)
+    teacher, tspec = checkpoint.load(teacher_dir)
+    teacher_info = read_info(teacher_dir)
+    write_group(out_dir, names)
+    trainees: dict[str, _Trainee] = {}
+    try:
+        for c in cands:
+            trainees[c.name] = _open(ctx, c, manifest, pruned_root, tspec["arch"], teacher_info["run_id"], names)
+        cached = load_teacher_outputs(teacher, manifest, teacher_dir)
+        results = _train(ctx, cands, trainees, data_dir, manifest, teacher, cached)
+        norm = data.Normalizer.from_manifest(manifest)
+        for c in cands:
+            _save(trainees[c.name], results[c.name], c.name, norm, data_dir, Path(out_dir) / c.name)
+    except BaseException:
+        for t in trainees.values():
+            tracking.end_run(t.run_id, "FAILED")
+        tracking.end_run(ctx.parent_id, "FAILED")
+        raise
+    return {n: {"best_val_top1": results[n].best_val_acc, "best_epoch": results[n].best_epoch} for n in names}
+
+
+def _open(
+    ctx: StepContext, c: Candidate, manifest: dict, pruned_root: str, teacher_arch: str, teacher_run: str, group
+) -> _Trainee:
+    """The candidate's student network (a pruned teacher or a fresh architecture) and its RUNNING MLflow run,
+    with its lineage as tags and its settings as params."""
+    s, loss = c.student, c.loss
+    seed_everything(ctx.cfg.seed)
+    if s.from_pruned is not None:
+        model, spec = checkpoint.load(pruned_dir(pruned_root, s.from_pruned))
+    else:
+        t = manifest["tasks"]["target"]
+        model = zoo.build(s.arch, t["shape"][0], t["num_classes"], **s.arch_kwargs)
+        spec = checkpoint.make_spec(s.arch, t["shape"][0], t["num_classes"], s.arch_kwargs)
+    lineage = {
+        "kdflow.candidate": c.name,
+        "kdflow.student": s.name,
+        "kdflow.student_arch": spec["arch"],
+        "kdflow.prune_ratio": str(s.from_pruned) if s.from_pruned is not None else "none",
+        "kdflow.loss": loss.kind,
+        "kdflow.loss_name": loss.name,
+        "kdflow.temperature": str(loss.temperature),
+        "kdflow.alpha": str(loss.alpha),
+        "kdflow.lambda": str(loss.lam),
+        "kdflow.transfer": loss.transfer,
+        "kdflow.teacher_run_id": teacher_run,
+        "kdflow.data_hash": manifest["content_hash"],
+        "kdflow.trained_with": ",".join(group),
+        tracking.PIPELINE_RUN_TAG: ctx.pipeline_run_id,
+    }
+    run_id = tracking.open_child_run(ctx.experiment_id, ctx.parent_id, c.name, "distill", lineage)
+    tracking.log_params(  # into the run, which stays RUNNING until its model is logged
+        {
+            **{f"student.{k}": v for k, v in s.model_dump().items()},
+            **{f"loss.{k}": v for k, v in loss.model_dump().items()},
+            **{f"train.{k}": v for k, v in ctx.cfg.distill.train.model_dump().items()},
+        },
+        run_id=run_id,
+    )
+    logger = tracking.epoch_logger(f"distill {c.name}", ctx.cfg.distill.train.epochs, run_id=run_id)
+    student = Student(model, loss, (zoo.hint_layer(spec["arch"]), zoo.hint_layer(teacher_arch)), logger)
+    return _Trainee(student, spec, lineage, run_id)
+
+
+def _train(
+    ctx: StepContext,
+    cands: list[Candidate],
+    trainees: dict[str, _Trainee],
+    data_dir: str,
+    manifest: dict,
+    teacher,
+    cached: TeacherOutputs | None,
+) -> dict[str, FitResult]:
+    """`fit_many` once per kind of data stream: candidates whose transfer sets use source images apart."""
+    objs = {c.name: objectives.build(c.loss) for c in cands}
+    tgt = splits(data_dir, "target")
+    source: ImageSet | None = None
+    if any(o.uses_source_data for o in objs.values()):
+        source = data.load_imageset(data_dir, "source", "train")
+    results = {}
+    for stream in (False, True):
+        group = [c.name for c in cands if objs[c.name].uses_source_data == stream]
+        if not group:
+            continue
+        with timing.compute():
+            fitted = fit_many(
+                [trainees[n].student for n in group],
+                tgt["train"],
+                tgt["val"],
+                ctx.cfg.distill.train,
+                data.Normalizer.from_manifest(manifest),
+                seed=ctx.cfg.seed,
+                device=resolve_device(ctx.cfg.device),
+                teacher=teacher if any(objs[n].needs_teacher for n in group) else None,
+                source=source if stream else None,
+                teacher_outputs=cached,
+            )
+        results.update(zip(group, fitted))
+    return results
+
+
+def _save(t: _Trainee, result: FitResult, name: str, norm: data.Normalizer, data_dir: str, cdir: Path) -> None:
+    """The trained student's checkpoint, best-epoch metrics, servable model and `info.json`."""
+    checkpoint.save(t.student.model, t.spec, cdir)
+    with tracking.reopen(t.run_id):
+        tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_top1": result.best_val_acc})
+        model_uri = log_servable(t.student.model, norm, data_dir)
+    write_info(
+        cdir,
+        {"name": name, "run_id": t.run_id, "model_uri": model_uri, "tags": t.lineage, "best_epoch": result.best_epoch},
+    )

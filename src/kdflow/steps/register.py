@@ -1,0 +1,90 @@
+"""Step 6, registration: every candidate and the teacher into the MLflow registry; the policy's pick becomes
+the champion only if it beats the current one on the same test data."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from kdflow import data, evaluate, registry, tracking
+from kdflow.config import Config
+from kdflow.data import ImageSet
+from kdflow.steps.context import StepContext, candidate_dirs, read_info
+
+
+def register(
+    ctx: StepContext, data_dir: str, teacher_dir: str, student_dirs: list[str], report_paths: list[str], out_path: str
+) -> dict:
+    """Register the teacher and every candidate; promote the policy's pick if it beats the champion. Writes and
+    returns the summary: the decision, the teacher's and every candidate's metrics and versions, the policy."""
+    cfg = ctx.cfg
+    manifest = data.read_manifest(data_dir)
+    candidates = _candidates(student_dirs, report_paths)
+    teacher_info = read_info(teacher_dir)
+    rescore = rescorer(cfg, manifest, data.load_imageset(data_dir, "target", "test"))
+    with ctx.child("register", "register") as run:
+        decision = registry.register_and_promote(
+            tracking.client(),
+            cfg.registry,
+            candidates,
+            teacher_info["metrics"],
+            manifest["target_test_hash"],
+            rescore,
+            teacher_uri=teacher_info["model_uri"],
+        )
+        summary = {
+            "decision": asdict(decision),
+            "teacher": {"version": decision.teacher_version, **teacher_info["metrics"]},
+            "candidates": {c.name: {"version": decision.versions[c.name], **c.metrics} for c in candidates},
+            "model_name": cfg.registry.model_name,
+            "policy": cfg.registry.policy.model_dump(),
+        }
+        tracking.log_dict(summary, "decision.json")
+        tracking.set_tags({"kdflow.promoted": str(decision.promoted), "kdflow.selected": str(decision.selected)})
+        tracking.log_metrics({"promoted": float(decision.promoted)})
+        summary["register_run_id"] = run.info.run_id
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _candidates(student_dirs: list[str], report_paths: list[str]) -> list[registry.Candidate]:
+    """Every candidate the distill steps trained, with the metrics its evaluation reported."""
+    reports = {r["name"]: r for p in report_paths for r in json.loads(Path(p).read_text())}
+    out = []
+    for d in (c for group in student_dirs for c in candidate_dirs(group)):
+        info = read_info(d)
+        if info["name"] not in reports:
+            raise ValueError(f"candidate {info['name']!r} has no evaluation report")
+        metrics = reports[info["name"]]["metrics"]
+        out.append(registry.Candidate(info["name"], metrics, info["run_id"], info["model_uri"], info["tags"]))
+    return out
+
+
+def rescorer(cfg: Config, manifest: dict, test: ImageSet) -> Callable[[str], float]:
+    """The champion metric of a registered model (`models:/...`) on this run's test split: how the current
+    champion is scored when its stored score was measured on other test data."""
+    num_classes = manifest["tasks"]["target"]["num_classes"]
+
+    def rescore(model_uri: str) -> float:
+        served = tracking.load_pytorch_model(model_uri)
+        with torch.no_grad():
+            try:
+                logits = torch.cat([served(test.x[i : i + 256].float()) for i in range(0, len(test), 256)])
+            except Exception as err:  # a champion for another input shape or class count
+                raise ValueError(
+                    f"the current {cfg.registry.alias} of {cfg.registry.model_name!r} ({model_uri}) cannot be scored "
+                    f"on this run's test data ({err}); use another registry.model_name for this task"
+                ) from None
+        if logits.shape[1] != num_classes:
+            raise ValueError(
+                f"the current {cfg.registry.alias} ({model_uri}) predicts {logits.shape[1]} classes, "
+                f"this task has {num_classes}"
+            )
+        return evaluate.topk_accuracy(logits, test.y, 5 if cfg.registry.champion_metric == "test_top5" else 1)
+
+    return rescore

@@ -1,0 +1,547 @@
+"""The pipeline's steps run in-process against a real SQLite MLflow store: distill, evaluate, register and
+finalize on one tiny run (data, teacher and pruning built once for the module), with exact expectations on
+their files, their MLflow runs and the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdflow import data, evaluate, registry, tracking
+from kdflow.config import Config, load_config
+from kdflow.errors import ConfigError
+from kdflow.models import checkpoint, count_params
+from kdflow.steps import distill as distill_step
+from kdflow.steps.context import GROUP_FILE, INFO_FILE, StepContext, pruned_dir, read_info
+from kdflow.steps.data_prep import prepare_data, record_data
+from kdflow.steps.distill import distill
+from kdflow.steps.evaluate import evaluate_candidates
+from kdflow.steps.finalize import finalize
+from kdflow.steps.prune import prune_teacher
+from kdflow.steps.register import register
+from kdflow.steps.teacher import train_teacher
+from tests.helpers.config import tiny_overrides
+
+NAMES = ["pruned60-kd", "pruned60-ce"]  # the tiny config's grid, students first
+EPOCHS = 2  # tiny_overrides' distill epochs
+PIPELINE_RUN = "steps-test-run"
+
+
+@dataclass
+class Pipeline:
+    """What the module's tiny run built once: the store, the prepared data, the teacher and the pruned net."""
+
+    tmp: Path
+    uri: str
+    cfg: Config
+    ctx: StepContext
+    manifest: dict
+    data_dir: str
+    teacher_dir: str
+    pruned_dir: str
+
+    @property
+    def inputs(self) -> tuple[str, str, str]:
+        """What a distill step reads: the data, the teacher and the pruned networks."""
+        return self.data_dir, self.teacher_dir, self.pruned_dir
+
+    def client(self):
+        return tracking.client()
+
+    def context(self, pipeline_run_id: str, **overrides) -> StepContext:
+        """Another pipeline run (its own parent run) in the same store, optionally with another config."""
+        cfg = load_config(None, tiny_overrides(**overrides))
+        return StepContext.open(
+            config_json=cfg.to_json(),
+            tracking_uri=self.uri,
+            pipeline_run_id=pipeline_run_id,
+            pipeline_run_name=pipeline_run_id,
+        )
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Data prep, teacher and prune of the tiny config, once for the module, into a fresh SQLite store. MLflow's
+    process-wide URIs, the MLFLOW_* variables `mlflow.set_tracking_uri` exports and torch's thread count
+    (the steps set it) are put back afterwards."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    tmp = tmp_path_factory.mktemp("steps")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)  # recorded, so undone on exit
+        mp.setenv("MLFLOW_REGISTRY_URI", uri)
+        mp.delenv("MLFLOW_REGISTRY_URI")  # the registry follows the tracking store
+        mp.delenv("KDFLOW_PARALLEL_THREADS", raising=False)
+        mp.setattr(tracking_utils, "_tracking_uri", None)
+        mp.setattr(registry_utils, "_registry_uri", None)
+        cfg = load_config(None, tiny_overrides())
+        data_dir, teacher_dir, pruned_root = (str(tmp / d) for d in ("data", "teacher", "pruned"))
+        manifest = prepare_data(cfg, data_dir)
+        ctx = StepContext.open(
+            config_json=cfg.to_json(), tracking_uri=uri, pipeline_run_id=PIPELINE_RUN, pipeline_run_name="steps test"
+        )
+        train_teacher(ctx, data_dir, teacher_dir)
+        prune_teacher(ctx, data_dir, teacher_dir, pruned_root)
+        try:
+            yield Pipeline(tmp, uri, cfg, ctx, manifest, data_dir, teacher_dir, pruned_root)
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def distilled(pipeline):
+    """The distill step on both candidates of the grid: (its return value, its output folder)."""
+    out = pipeline.tmp / "students"
+    result = distill(pipeline.ctx, NAMES, pipeline.data_dir, pipeline.teacher_dir, pipeline.pruned_dir, str(out))
+    return result, out
+
+
+@pytest.fixture(scope="module")
+def evaluated(pipeline, distilled):
+    """The evaluate step on the distill step's output: (reports as returned, the report file)."""
+    _, student_dir = distilled
+    path = pipeline.tmp / "reports" / "report.json"
+    reports = evaluate_candidates(pipeline.ctx, pipeline.data_dir, pipeline.teacher_dir, str(student_dir), str(path))
+    return reports, path
+
+
+def runs_under(client, ctx: StepContext) -> dict[str, object]:
+    """The child runs of `ctx`'s parent run, by name (names are unique within one pipeline run here)."""
+    found = client.search_runs([ctx.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{ctx.parent_id}'")
+    by_name = {r.info.run_name: r for r in found}
+    assert len(by_name) == len(found)
+    return by_name
+
+
+def all_runs(client, ctx: StepContext) -> list:
+    return client.search_runs([ctx.experiment_id], max_results=10_000)
+
+
+# ------------------------------------------------------------------------------------------- context
+
+
+def test_context_finds_the_same_parent_run_again(pipeline):
+    client = pipeline.client()
+    again = pipeline.context(PIPELINE_RUN)
+    assert again.parent_id == pipeline.ctx.parent_id
+    assert again.experiment_id == pipeline.ctx.experiment_id
+    assert again.tracking_uri == pipeline.uri and again.pipeline_run_id == PIPELINE_RUN
+    parent = client.get_run(pipeline.ctx.parent_id)
+    assert parent.info.run_name == "steps test"
+    assert parent.data.tags[tracking.PIPELINE_RUN_TAG] == PIPELINE_RUN
+    assert parent.data.tags[tracking.STEP_TAG] == tracking.PIPELINE_STEP
+    assert parent.data.params == {k: v[:6000] for k, v in pipeline.cfg.flat().items()}
+    assert client.get_experiment(pipeline.ctx.experiment_id).name == pipeline.cfg.experiment
+
+
+def test_a_failing_child_marks_itself_and_the_parent_failed(pipeline):
+    client = pipeline.client()
+    ctx = pipeline.context("steps-child-fails")
+    with pytest.raises(RuntimeError, match="inside the step"), ctx.child("broken", "teacher", {"x": "1"}):
+        raise RuntimeError("inside the step")
+    (child,) = runs_under(client, ctx).values()
+    assert (child.info.run_name, child.info.status) == ("broken", "FAILED")
+    assert child.data.tags[tracking.STEP_TAG] == "teacher" and child.data.tags["x"] == "1"
+    assert client.get_run(ctx.parent_id).info.status == "FAILED"
+
+
+def test_record_data_logs_the_manifest_as_the_data_prep_child_run(pipeline):
+    client = pipeline.client()
+    ctx = pipeline.context("steps-record-data")
+    record_data(ctx, pipeline.data_dir)
+    (run,) = runs_under(client, ctx).values()
+    assert (run.info.run_name, run.info.status) == ("data-prep", "FINISHED")
+    assert run.data.tags[tracking.STEP_TAG] == "data"
+    assert run.data.tags["kdflow.data_hash"] == pipeline.manifest["content_hash"]
+    assert run.data.params == {f"data.{k}": str(v) for k, v in pipeline.cfg.data.model_dump().items()}
+    tasks = pipeline.manifest["tasks"]
+    assert run.data.metrics == {f"{t}_{s}_count": n for t in data.TASKS for s, n in tasks[t]["counts"].items()}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"manifest.json", "config.json"}
+
+
+# ------------------------------------------------------------------------------------------- distill
+
+
+def expected_lineage(pipeline: Pipeline, name: str) -> dict[str, str]:
+    loss = name.split("-")[1]
+    return {
+        "kdflow.candidate": name,
+        "kdflow.student": "pruned60",
+        "kdflow.student_arch": pipeline.cfg.teacher.arch,
+        "kdflow.prune_ratio": "0.6",
+        "kdflow.loss": loss,
+        "kdflow.loss_name": loss,
+        "kdflow.temperature": "4.0",
+        "kdflow.alpha": "0.9",
+        "kdflow.lambda": "1.0",
+        "kdflow.transfer": "target",
+        "kdflow.teacher_run_id": read_info(pipeline.teacher_dir)["run_id"],
+        "kdflow.data_hash": pipeline.manifest["content_hash"],
+        "kdflow.trained_with": "pruned60-kd,pruned60-ce",
+        tracking.PIPELINE_RUN_TAG: PIPELINE_RUN,
+    }
+
+
+def test_distill_returns_each_candidates_best_epoch(distilled):
+    result, _ = distilled
+    assert list(result) == NAMES
+    for r in result.values():
+        assert set(r) == {"best_val_top1", "best_epoch"}
+        assert 0.0 <= r["best_val_top1"] <= 1.0
+        assert type(r["best_epoch"]) is int and 0 <= r["best_epoch"] <= EPOCHS
+
+
+def test_distill_writes_the_group_and_one_folder_per_candidate(pipeline, distilled):
+    result, out = distilled
+    assert json.loads((out / GROUP_FILE).read_text()) == NAMES
+    assert sorted(p.name for p in out.iterdir()) == sorted([GROUP_FILE, *NAMES])
+    teacher_run = read_info(pipeline.teacher_dir)["run_id"]
+    assert teacher_run == runs_under(pipeline.client(), pipeline.ctx)["teacher"].info.run_id
+    val = data.load_imageset(pipeline.data_dir, "target", "val")
+    norm = data.Normalizer.from_manifest(pipeline.manifest)
+    for name in NAMES:
+        cdir = out / name
+        files = sorted(p.name for p in cdir.iterdir())
+        assert files == sorted([checkpoint.WEIGHTS_FILE, checkpoint.SPEC_FILE, INFO_FILE])
+        info = read_info(cdir)
+        assert set(info) == {"name", "run_id", "model_uri", "tags", "best_epoch"}
+        assert info["name"] == name and info["best_epoch"] == result[name]["best_epoch"]
+        assert info["model_uri"].startswith("models:/")
+        assert info["tags"] == expected_lineage(pipeline, name)
+        # the checkpoint holds the best-validation weights, in the pruned network's shape
+        model, spec = checkpoint.load(cdir)
+        pruned, pruned_spec = checkpoint.load(pruned_dir(pipeline.pruned_dir, 0.6))
+        assert spec == pruned_spec
+        assert count_params(model) == count_params(pruned)
+        assert evaluate.accuracy(evaluate.predict(model, val.x, norm), val.y) == result[name]["best_val_top1"]
+
+
+def test_distill_logs_one_finished_child_run_per_candidate(pipeline, distilled):
+    result, out = distilled
+    client = pipeline.client()
+    children = runs_under(client, pipeline.ctx)
+    assert set(children) == {"teacher", "prune", *NAMES}  # failing and other steps' tests use runs of their own
+    assert client.get_run(pipeline.ctx.parent_id).info.status == "RUNNING"  # the exit handler ends it
+    train = pipeline.cfg.distill.train.model_dump()
+    for name in NAMES:
+        run = children[name]
+        assert run.info.run_id == read_info(out / name)["run_id"]
+        assert run.info.status == "FINISHED"
+        tags = run.data.tags
+        assert {k: tags[k] for k in expected_lineage(pipeline, name)} == expected_lineage(pipeline, name)
+        assert tags[tracking.STEP_TAG] == "distill" and tags["mlflow.parentRunId"] == pipeline.ctx.parent_id
+        cand = pipeline.cfg.candidate(name)
+        assert run.data.params == {
+            **{f"student.{k}": str(v) for k, v in cand.student.model_dump().items()},
+            **{f"loss.{k}": str(v) for k, v in cand.loss.model_dump().items()},
+            **{f"train.{k}": str(v) for k, v in train.items()},
+        }
+        assert run.data.params["loss.kind"] == name.split("-")[1]
+        assert run.data.params["train.epochs"] == str(EPOCHS)
+        assert run.data.metrics["best_epoch"] == result[name]["best_epoch"]
+        assert run.data.metrics["best_val_top1"] == result[name]["best_val_top1"]
+        # one point per epoch, at steps 1..epochs (evaluation does not log these names)
+        for key in ("val_acc", "train_loss", "lr"):
+            history = client.get_metric_history(run.info.run_id, key)
+            assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), key
+        val_acc = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_acc")}
+        best, best_epoch = result[name]["best_val_top1"], result[name]["best_epoch"]
+        assert best >= max(val_acc.values())  # the best epoch wins on accuracy first (ties: lower val loss)
+        if best_epoch > 0:
+            assert val_acc[best_epoch] == best
+
+
+def test_distill_rejects_an_unknown_candidate_before_any_run(pipeline, tmp_path):
+    client = pipeline.client()
+    before = len(all_runs(client, pipeline.ctx))
+    out = tmp_path / "students"
+    with pytest.raises(ConfigError) as err:
+        distill(pipeline.ctx, ["pruned60-kd", "nope"], *pipeline.inputs, str(out))
+    assert str(err.value) == "unknown candidate 'nope'; the config defines ['pruned60-kd', 'pruned60-ce']"
+    with pytest.raises(ValueError, match="distill got no candidates"):
+        distill(pipeline.ctx, [], *pipeline.inputs, str(out))
+    assert len(all_runs(client, pipeline.ctx)) == before
+    assert not out.exists()  # nothing written either
+    assert client.get_run(pipeline.ctx.parent_id).info.status == "RUNNING"
+
+
+def test_a_failure_in_training_marks_the_candidates_and_the_parent_failed(pipeline, tmp_path, monkeypatch):
+    client = pipeline.client()
+    ctx = pipeline.context("steps-distill-fails")
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("training exploded")
+
+    monkeypatch.setattr(distill_step, "fit_many", explode)
+    out = tmp_path / "students"
+    with pytest.raises(RuntimeError, match="training exploded"):
+        distill(ctx, NAMES, pipeline.data_dir, pipeline.teacher_dir, pipeline.pruned_dir, str(out))
+    children = runs_under(client, ctx)
+    assert set(children) == set(NAMES)
+    assert {n: r.info.status for n, r in children.items()} == dict.fromkeys(NAMES, "FAILED")
+    assert all(r.info.end_time is not None for r in children.values())
+    assert client.get_run(ctx.parent_id).info.status == "FAILED"
+    assert json.loads((out / GROUP_FILE).read_text()) == NAMES
+    assert not any((out / n).exists() for n in NAMES)  # no checkpoint of an untrained candidate
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+
+def expected_metric_keys(manifest: dict, test_y: torch.Tensor, teacher_metrics: dict) -> set[str]:
+    keys = {"test_top1", "test_loss", "test_ece", "val_top1", "val_loss", "teacher_agreement"}
+    if manifest["tasks"]["target"]["num_classes"] > 5:
+        keys |= {"test_top5", "val_top5"}
+    keys |= {f"test_class_{int(c)}_acc" for c in test_y.unique()}
+    keys |= {"params", "size_bytes", "flops", "macs", "latency_ms_b1", "latency_ms_b64", "compression", "speedup_b1"}
+    if teacher_metrics["test_top1"] > 0:
+        keys.add("teacher_retention")
+    return keys
+
+
+def test_evaluate_reports_recomputed_metrics(pipeline, distilled, evaluated):
+    _, student_dir = distilled
+    reports, path = evaluated
+    assert json.loads(path.read_text()) == reports
+    assert [r["name"] for r in reports] == NAMES
+    manifest, norm = pipeline.manifest, data.Normalizer.from_manifest(pipeline.manifest)
+    num_classes = manifest["tasks"]["target"]["num_classes"]
+    assert num_classes == 10  # digits: top-5 is measured
+    test = data.load_imageset(pipeline.data_dir, "target", "test")
+    val = data.load_imageset(pipeline.data_dir, "target", "val")
+    teacher, _ = checkpoint.load(pipeline.teacher_dir)
+    teacher_metrics = read_info(pipeline.teacher_dir)["metrics"]
+    assert teacher_metrics["test_top1"] > 0
+    teacher_pred = evaluate.predict(teacher, test.x, norm).argmax(1)
+    example = norm(data.load_split(pipeline.data_dir, "target", "train")[0][:8])
+    for rep in reports:
+        cdir = student_dir / rep["name"]
+        m = rep["metrics"]
+        assert set(rep) == {"name", "metrics", "confusion_matrix", "classes"}
+        assert rep["classes"] == manifest["tasks"]["target"]["classes"]
+        assert set(m) == expected_metric_keys(manifest, test.y, teacher_metrics)
+        model, _ = checkpoint.load(cdir)
+        logits = evaluate.predict(model, test.x, norm)
+        pred = logits.argmax(1)
+        assert m["test_top1"] == float((pred == test.y).float().mean())
+        top5 = logits.topk(5, dim=1).indices
+        assert m["test_top5"] == float((top5 == test.y[:, None]).any(1).float().mean())
+        assert m["test_loss"] == pytest.approx(float(F.cross_entropy(logits, test.y)), rel=1e-6)
+        assert m["test_ece"] == pytest.approx(evaluate.expected_calibration_error(logits, test.y, 15), abs=1e-7)
+        for c in test.y.unique().tolist():
+            mask = test.y == c
+            assert m[f"test_class_{c}_acc"] == int((pred[mask] == c).sum()) / int(mask.sum())
+        cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        for t, p in zip(test.y.tolist(), pred.tolist()):
+            cm[t, p] += 1
+        assert rep["confusion_matrix"] == cm.tolist()
+        val_logits = evaluate.predict(model, val.x, norm)
+        assert m["val_top1"] == float((val_logits.argmax(1) == val.y).float().mean())
+        assert m["val_top5"] == float((val_logits.topk(5, dim=1).indices == val.y[:, None]).any(1).float().mean())
+        assert m["val_loss"] == pytest.approx(float(F.cross_entropy(val_logits, val.y)), rel=1e-6)
+        assert m["teacher_agreement"] == float((pred == teacher_pred).float().mean())
+        # size and speed
+        assert m["params"] == count_params(model)
+        assert m["size_bytes"] == (cdir / checkpoint.WEIGHTS_FILE).stat().st_size
+        assert m["flops"] == evaluate.flops(model, example) and m["macs"] == m["flops"] // 2
+        assert m["latency_ms_b1"] > 0 and m["latency_ms_b64"] > 0
+        assert m["compression"] == teacher_metrics["params"] / count_params(model)
+        assert m["compression"] > 1  # pruning made it smaller
+        assert m["teacher_retention"] == m["test_top1"] / teacher_metrics["test_top1"]
+        assert m["speedup_b1"] == teacher_metrics["latency_ms_b1"] / m["latency_ms_b1"]
+
+
+def test_evaluate_logs_the_metrics_and_the_confusion_matrix_on_the_candidates_run(pipeline, distilled, evaluated):
+    _, student_dir = distilled
+    reports, _ = evaluated
+    client = pipeline.client()
+    for rep in reports:
+        run_id = read_info(student_dir / rep["name"])["run_id"]
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        for key, value in rep["metrics"].items():
+            history = client.get_metric_history(run_id, key)
+            # logged once, at step 0. val_loss also carries distillation's per-epoch points (steps 1..epochs),
+            # so the run's latest val_loss is the last epoch's, not the evaluated model's: only its history is read
+            assert [h.value for h in history if h.step == 0] == [float(value)], key
+            if key != "val_loss":
+                assert [h.step for h in history] == [0], key
+                assert run.data.metrics[key] == float(value), key
+        assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(run_id)}
+
+
+# ------------------------------------------------------------------------------------------ register
+
+
+def versions_of(client, name: str) -> list[int]:
+    return sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+
+
+def champion(client, name: str) -> int:
+    return int(client.get_model_version_by_alias(name, "champion").version)
+
+
+def lowered(report_path: Path, out: Path, factor: float) -> Path:
+    """A copy of the report whose test metrics the gate reads are `factor` times the real ones."""
+    reports = json.loads(report_path.read_text())
+    for r in reports:
+        r["metrics"]["test_top1"] *= factor
+    out.write_text(json.dumps(reports))
+    return out
+
+
+def test_register_versions_every_model_and_moves_the_alias_only_for_a_better_pick(
+    pipeline, distilled, evaluated, tmp_path
+):
+    _, student_dir = distilled
+    reports, report_path = evaluated
+    client = pipeline.client()
+    model, teacher_model = "steps-student", "steps-teacher"
+    names = {"registry.model_name": model, "registry.teacher_model_name": teacher_model}
+    ctx = pipeline.context("steps-register", **names)  # a pipeline run of its own: its runs stay apart
+    picky = pipeline.context("steps-register", **names, **{"registry.min_improvement": 1.0})
+    assert picky.parent_id == ctx.parent_id
+    assert versions_of(client, model) == [] and versions_of(client, teacher_model) == []  # fresh names
+    teacher_info = read_info(pipeline.teacher_dir)
+    half = lowered(report_path, tmp_path / "half.json", 0.5)
+
+    # the policy's pick on validation metrics; test metrics play no part in it
+    by_name = {r["name"]: r["metrics"] for r in reports}
+    sel = registry.select(
+        [registry.Candidate(n, by_name[n]) for n in NAMES], ctx.cfg.registry.policy, teacher_info["metrics"]
+    )
+    assert sel.best is not None, sel.rejected
+    pick = sel.best.name
+    score = by_name[pick]["test_top1"]
+    assert score > 0  # half of it is then strictly worse
+    slot = NAMES.index(pick)  # candidates are registered in the order they were trained, after the teacher
+
+    def run(c: StepContext, report: Path, i: int) -> dict:
+        out = tmp_path / f"decision-{i}.json"
+        summary = register(c, pipeline.data_dir, pipeline.teacher_dir, [str(student_dir)], [str(report)], str(out))
+        assert json.loads(out.read_text()) == summary
+        return summary
+
+    # 1. the first champion: the pick, whatever its score (here the lowered one)
+    s1 = run(ctx, half, 1)
+    d1 = s1["decision"]
+    assert d1["versions"] == {NAMES[0]: 1, NAMES[1]: 2} and d1["teacher_version"] == 1
+    assert (d1["selected"], d1["promoted"], d1["previous_champion"], d1["previous_score"]) == (pick, True, None, None)
+    assert d1["champion_version"] == 1 + slot and d1["rejected"] == sel.rejected
+    assert d1["reason"] == f"{pick} is the first champion (test_top1={score * 0.5:.4f})"
+    assert champion(client, model) == 1 + slot
+    assert versions_of(client, model) == [1, 2] and versions_of(client, teacher_model) == [1]
+    assert s1["teacher"] == {"version": 1, **teacher_info["metrics"]}
+    halved = {r["name"]: r["metrics"] for r in json.loads(half.read_text())}
+    assert s1["candidates"] == {n: {"version": 1 + i, **halved[n]} for i, n in enumerate(NAMES)}
+    assert s1["model_name"] == model and s1["policy"] == ctx.cfg.registry.policy.model_dump()
+
+    # 2. the real scores beat the lowered champion, but not by registry.min_improvement=1.0: the alias stays
+    s2 = run(picky, report_path, 2)
+    d2 = s2["decision"]
+    assert d2["versions"] == {NAMES[0]: 3, NAMES[1]: 4} and d2["teacher_version"] == 2
+    assert (d2["promoted"], d2["champion_version"], d2["previous_champion"]) == (False, 1 + slot, 1 + slot)
+    assert d2["previous_score"] == score * 0.5  # the champion's stored score: same test data, not rescored
+    assert champion(client, model) == 1 + slot
+    assert versions_of(client, model) == [1, 2, 3, 4] and versions_of(client, teacher_model) == [1, 2]
+
+    # 3. a better challenger without the margin: the alias moves to this run's version of the pick
+    s3 = run(ctx, report_path, 3)
+    d3 = s3["decision"]
+    assert d3["versions"] == {NAMES[0]: 5, NAMES[1]: 6} and d3["teacher_version"] == 3
+    assert (d3["selected"], d3["promoted"], d3["champion_version"]) == (pick, True, 5 + slot)
+    assert (d3["previous_champion"], d3["previous_score"]) == (1 + slot, score * 0.5)
+    assert d3["reason"] == f"{pick} test_top1={score:.4f} beats champion v{1 + slot} ({score * 0.5:.4f})"
+    assert champion(client, model) == 5 + slot
+
+    # 4. a worse challenger (the lowered scores again): new versions, the alias stays
+    s4 = run(ctx, half, 4)
+    d4 = s4["decision"]
+    assert d4["versions"] == {NAMES[0]: 7, NAMES[1]: 8} and d4["teacher_version"] == 4
+    assert (d4["promoted"], d4["champion_version"], d4["previous_score"]) == (False, 5 + slot, score)
+    assert champion(client, model) == 5 + slot
+    assert versions_of(client, model) == list(range(1, 9)) and versions_of(client, teacher_model) == [1, 2, 3, 4]
+
+    # the register step's own run, and what a version carries
+    runs = client.search_runs([ctx.experiment_id], f"tags.`mlflow.parentRunId` = '{ctx.parent_id}'")
+    assert sorted(r.info.run_id for r in runs) == sorted(s["register_run_id"] for s in (s1, s2, s3, s4))
+    runs = {r.info.run_id: r for r in runs}
+    for s in (s1, s2, s3, s4):
+        r = runs[s["register_run_id"]]
+        assert r.info.run_name == "register" and r.data.tags[tracking.STEP_TAG] == "register"
+        assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == ctx.parent_id
+        assert r.data.tags["kdflow.promoted"] == str(s["decision"]["promoted"])
+        assert r.data.tags["kdflow.selected"] == pick
+        assert r.data.metrics["promoted"] == float(s["decision"]["promoted"])
+        dst = tmp_path / "artifacts" / r.info.run_id
+        dst.mkdir(parents=True)
+        logged = json.loads(Path(client.download_artifacts(r.info.run_id, "decision.json", str(dst))).read_text())
+        assert logged == {k: v for k, v in s.items() if k != "register_run_id"}
+    mv = client.get_model_version(model, str(5 + slot))
+    info = read_info(student_dir / pick)
+    assert mv.tags == {
+        **info["tags"],
+        "kdflow.teacher_model": teacher_model,
+        "kdflow.teacher_version": "3",
+        registry.TEST_HASH_TAG: pipeline.manifest["target_test_hash"],
+        **{k: repr(float(v)) for k, v in by_name[pick].items()},
+    }
+    tv = client.get_model_version(teacher_model, "3")
+    assert tv.tags == {
+        registry.TEST_HASH_TAG: pipeline.manifest["target_test_hash"],
+        **{k: repr(float(v)) for k, v in teacher_info["metrics"].items()},
+    }
+
+
+def test_register_needs_a_report_for_every_candidate(pipeline, distilled, evaluated, tmp_path):
+    _, student_dir = distilled
+    reports, _ = evaluated
+    client = pipeline.client()
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(reports[:1]))
+    model = "steps-unreported"
+    ctx = dataclasses.replace(pipeline.ctx, cfg=load_config(None, tiny_overrides(**{"registry.model_name": model})))
+    before = len(all_runs(client, ctx))
+    with pytest.raises(ValueError, match=f"candidate '{NAMES[1]}' has no evaluation report"):
+        register(ctx, pipeline.data_dir, pipeline.teacher_dir, [str(student_dir)], [str(partial)], str(tmp_path / "d"))
+    assert versions_of(client, model) == [] and len(all_runs(client, ctx)) == before
+    assert not (tmp_path / "d").exists()
+
+
+# ------------------------------------------------------------------------------------------ finalize
+
+
+def test_finalize_a_failed_pipeline_marks_stale_children_and_the_parent_failed(pipeline):
+    client = pipeline.client()
+    ctx = pipeline.context("steps-finalize-failed")
+    with ctx.child("done", "teacher"):
+        pass
+    stale = tracking.open_child_run(ctx.experiment_id, ctx.parent_id, "killed", "distill", {})
+    assert client.get_run(stale).info.status == "RUNNING"
+    assert finalize(ctx, succeeded=False, detail="boom") == ["killed"]
+    children = runs_under(client, ctx)
+    assert {n: r.info.status for n, r in children.items()} == {"done": "FINISHED", "killed": "FAILED"}
+    parent = client.get_run(ctx.parent_id)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["kdflow.outcome"] == "failed" and parent.data.tags["kdflow.outcome_detail"] == "boom"
+
+
+def test_finalize_a_succeeded_pipeline_still_fails_a_killed_child(pipeline):
+    client = pipeline.client()
+    ctx = pipeline.context("steps-finalize-succeeded")
+    tracking.open_child_run(ctx.experiment_id, ctx.parent_id, "killed", "distill", {})
+    assert finalize(ctx, succeeded=True) == ["killed"]
+    assert runs_under(client, ctx)["killed"].info.status == "FAILED"
+    parent = client.get_run(ctx.parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["kdflow.outcome"] == "succeeded" and "kdflow.outcome_detail" not in parent.data.tags
+    assert finalize(ctx, succeeded=True) == []  # nothing left RUNNING
