@@ -9,6 +9,7 @@ import pytest
 from kdflow.config import Config, ConfigError, config_from_json, load_config, parse_config
 
 DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+CIFAR_YAML = DEFAULT_YAML.with_name("cifar10_to_cifar100.yaml")
 
 
 def error_of(data) -> str:
@@ -126,6 +127,52 @@ def test_empty_grid_fails():
     assert "at least one entry" in error_of({"distill": {"students": []}})
 
 
+def _one_loss(**loss) -> dict:
+    return {"distill": {"losses": [{"name": "l", **loss}]}}
+
+
+@pytest.mark.parametrize("kind", ["ce", "logit_mse", "hint", "dist"])
+def test_standardize_is_refused_outside_kd_and_dkd(kind):
+    msg = error_of(_one_loss(kind=kind, standardize=True))
+    assert "distill.losses.0" in msg
+    assert "standardize: true applies only to kinds kd, dkd" in msg
+    assert f"loss 'l' has kind {kind!r}" in msg
+
+
+@pytest.mark.parametrize("kind", ["kd", "dkd"])
+def test_standardize_is_accepted_with_kd_and_dkd(kind):
+    loss = parse_config(_one_loss(kind=kind, standardize=True)).distill.losses[0]
+    assert loss.standardize is True
+    assert parse_config(_one_loss(kind=kind)).distill.losses[0].standardize is False  # off by default
+
+
+@pytest.mark.parametrize("transfer", ["source", "both"])
+def test_dkd_needs_the_labelled_target_transfer_set(transfer):
+    msg = error_of(_one_loss(kind="dkd", transfer=transfer))
+    assert "distill.losses.0" in msg
+    assert "loss 'l' of kind 'dkd' needs the labels of its transfer images" in msg
+    assert f"transfer must be 'target' (got transfer: {transfer!r})" in msg
+    assert parse_config(_one_loss(kind="dkd", transfer="target")).distill.losses[0].transfer == "target"
+    assert parse_config(_one_loss(kind="dist", transfer=transfer)).distill.losses[0].transfer == transfer
+
+
+def test_gamma_is_checked_and_defaults_leave_other_kinds_alone():
+    assert "distill.losses.0.gamma" in error_of(_one_loss(kind="dist", gamma=-1.0))
+    loss = parse_config(_one_loss(kind="dkd")).distill.losses[0]
+    # LossConfig's defaults are the other kinds' (a dkd config sets α and β itself)
+    assert (loss.alpha, loss.beta, loss.gamma, loss.temperature) == (0.9, 1.0, 1.0, 4.0)
+
+
+def test_cifar_config_carries_the_literature_losses():
+    cfg = load_config(CIFAR_YAML)
+    losses = {l.name: l for l in cfg.distill.losses}
+    dkd, dist, kd_ls = losses["dkd"], losses["dist"], losses["kd_ls"]
+    assert (dkd.kind, dkd.alpha, dkd.beta, dkd.temperature, dkd.transfer) == ("dkd", 1.0, 8.0, 4.0, "target")
+    assert (dist.kind, dist.beta, dist.gamma, dist.temperature) == ("dist", 2.0, 2.0, 4.0)
+    assert (kd_ls.kind, kd_ls.standardize, kd_ls.temperature) == ("kd", True, 2.0)
+    assert not any(l.standardize for l in cfg.distill.losses if l.name != "kd_ls")
+
+
 def test_data_setup_consistency():
     assert "data.target is required" in error_of({"data": {"setup": "cross_dataset"}})
     assert "data.target='usps'" in error_of({"data": {"target": "usps"}})  # domain_shift by default
@@ -240,9 +287,10 @@ def test_candidates_for_a_custom_grid():
         }
     )
     grid = cfg.candidates()
-    assert [c.name for c in grid] == ["r8-hint", "p-hint"]
-    assert grid[0].student.arch == "resnet8x4" and grid[1].student.from_pruned == 0.75
-    assert grid[1].loss.beta == 2.0
+    # no ce loss in the grid: each student also gets its plain-CE baseline (distill.ce_baseline)
+    assert [c.name for c in grid] == ["r8-hint", "r8-ce", "p-hint", "p-ce"]
+    assert grid[0].student.arch == "resnet8x4" and grid[2].student.from_pruned == 0.75
+    assert grid[2].loss.beta == 2.0 and grid[3].loss.kind == "ce"
 
 
 def test_json_round_trip():
@@ -308,6 +356,27 @@ def test_candidate_groups_keep_one_data_stream_per_step():
     assert candidate_groups(one) == [c.name for c in one.candidates()]
 
 
+def test_candidate_groups_place_dkd_and_dist_by_their_data_stream():
+    from kdflow.objectives import candidate_groups
+
+    cfg = load_config(
+        None,
+        {
+            "distill.students": [{"name": "a", "from_pruned": 0.6}],
+            "distill.losses": [
+                {"name": "dkd", "kind": "dkd", "alpha": 1.0, "beta": 8.0},
+                {"name": "dist", "kind": "dist"},
+                {"name": "dist_src", "kind": "dist", "transfer": "source"},
+                {"name": "kd_ls", "kind": "kd", "standardize": True},
+                {"name": "ce", "kind": "ce"},
+            ],
+            "distill.train": {"augment": "crop"},  # logits only: they share the crop-table step with kd
+            "distill.candidates_per_step": 4,
+        },
+    )
+    assert candidate_groups(cfg) == ["a-dkd,a-dist,a-kd_ls,a-ce", "a-dist_src"]
+
+
 @pytest.mark.parametrize(
     ("augment", "groups"),
     [
@@ -334,3 +403,26 @@ def test_candidate_groups_put_hint_losses_apart_under_augmentation(augment, grou
     )
     assert candidate_groups(cfg) == groups
     assert sorted(",".join(groups).split(",")) == sorted(c.name for c in cfg.candidates())
+
+
+@pytest.mark.parametrize("path", sorted((DEFAULT_YAML.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.candidates()  # and every student trains with a ce baseline to compare against
+    students = {c.student.name for c in cfg.candidates()}
+    assert {c.student.name for c in cfg.candidates() if c.loss.kind == "ce"} == students
+
+
+def test_the_few_shot_config_is_the_regime_where_the_teacher_matters():
+    cfg = load_config(DEFAULT_YAML.with_name("mnist_to_usps_fewshot.yaml"))
+    assert cfg.data.target_samples_per_class == 20 and cfg.data.target_val_samples_per_class == "train"
+    assert [c.name for c in cfg.candidates()] == [
+        "pruned60-kd",
+        "pruned60-mse_src",
+        "pruned60-ce",
+        "cnn8-kd",
+        "cnn8-mse_src",
+        "cnn8-ce",
+        "pruned60_scratch-ce",
+    ]
+    assert cfg.candidate("cnn8-mse_src").loss.transfer == "both" and cfg.registry.gate == "significance"

@@ -418,8 +418,14 @@ def test_prepare_cross_dataset_mnist_to_usps(tmp_path, mnist_dir, usps_dir):
     assert sum(src["counts"].values()) == 10_000
     assert torch.bincount(splits[("target", "train")][1], minlength=10).tolist() == [3] * 10
     assert tgt["counts"]["train"] == 30
-    # few-shot only trims train: val and test keep their (about 15% and 25%) hashed shares of USPS
-    assert 0.3 * 2007 < tgt["counts"]["val"] + tgt["counts"]["test"] < 0.5 * 2007
+    # few-shot caps validation too (selection rests on no more labels than training had); test keeps its share
+    assert torch.bincount(splits[("target", "val")][1], minlength=10).tolist() == [3] * 10
+    assert 0.2 * 2007 < tgt["counts"]["test"] < 0.3 * 2007
+    whole_val = data.prepare(cfg.model_copy(update={"target_val_samples_per_class": None}), 0, tmp_path / "v")
+    assert 0.1 * 2007 < whole_val["tasks"]["target"]["counts"]["val"] < 0.2 * 2007  # its hashed ~15% share
+    assert whole_val["tasks"]["target"]["counts"]["test"] == tgt["counts"]["test"]
+    five = data.prepare(cfg.model_copy(update={"target_val_samples_per_class": 5}), 0, tmp_path / "f")
+    assert five["tasks"]["target"]["counts"]["val"] == 50 and five["tasks"]["target"]["counts"]["train"] == 30
     usps = set(_digests(data.load_usps(usps_dir).x))
     for s in data.SPLITS:
         assert set(_digests(splits[("target", s)][0])) <= usps  # already 16×16: unchanged

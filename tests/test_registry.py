@@ -464,3 +464,54 @@ def test_gate_metric_missing_fails_before_anything_is_registered(store):
     with pytest.raises(ValueError, match=r"candidates \['a'\] have no 'val_top1' or 'test_top5' metric"):
         register_and_promote(client, cfg, [logged(exp, "a", 0.8, 0.8)], TEACHER, "h1", Rescore(), teacher_uri=None)
     assert client.search_model_versions("name='no-top5'") == []
+
+
+class Paired:
+    """A stand-in for the register step's paired test: per-candidate correctness against a fixed champion's."""
+
+    def __init__(self, champion, **candidates):
+        self.champion, self.candidates, self.calls = champion, candidates, []
+
+    def __call__(self, name: str, uri: str):
+        import numpy as np
+
+        from kdflow.stats import paired_gain
+
+        self.calls.append((name, uri))
+        return paired_gain(np.array(self.candidates[name], bool), np.array(self.champion, bool))
+
+
+def test_significance_gate_moves_the_alias_only_on_a_significant_paired_win(store):
+    client, exp = store
+    cfg = registry_cfg("significance", gate="significance", significance_level=0.05)
+    first = register_and_promote(client, cfg, [logged(exp, "a", 0.8, 0.5)], TEACHER, "h1", Rescore(), paired=None)
+    assert first.promoted and champion_version(client, "significance") == 1  # no champion yet: no test needed
+    champ = [True] * 50 + [False] * 50  # the champion gets 50 of 100 right
+    # +3 images (4 won, 1 lost): higher top-1, but McNemar p = 0.375: the alias stays
+    close = champ[:]
+    close[50:54] = [True] * 4
+    close[0] = False
+    paired = Paired(champ, b=close)
+    d = register_and_promote(client, cfg, [logged(exp, "b", 0.9, 0.53)], TEACHER, "h1", Rescore(), paired=paired)
+    assert paired.calls == [("b", "models:/significance/1")]
+    assert not d.promoted and champion_version(client, "significance") == 1 and d.versions == {"b": 2}
+    assert d.reason.startswith("b is not significantly better than champion v1: test top-1 +3.0 [")
+    assert "McNemar p=0.375 (level 0.05)" in d.reason
+    # +20 images, none lost: p = 2 * 0.5**20, the interval above 0: it moves
+    clear = [True] * 70 + [False] * 30
+    d = register_and_promote(
+        client, cfg, [logged(exp, "c", 0.9, 0.7)], TEACHER, "h1", Rescore(), paired=Paired(champ, c=clear)
+    )
+    assert d.promoted and champion_version(client, "significance") == 3
+    assert d.reason.startswith("c beats champion v1: test top-1 +20.0 [")
+    # the improvement gate would have promoted "b" (0.53 > 0.50): only the stated gate decides
+    with pytest.raises(ValueError, match="needs the candidates' per-image test results"):
+        register_and_promote(client, cfg, [logged(exp, "d", 0.9, 0.9)], TEACHER, "h1", Rescore(), paired=None)
+    assert sorted(int(v.version) for v in client.search_model_versions("name='significance'")) == [1, 2, 3]
+
+
+def test_significance_gate_is_top1_only():
+    from kdflow.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="registry.gate=significance compares per-image top-1"):
+        load_config(None, {"registry.gate": "significance", "registry.champion_metric": "test_top5"})

@@ -70,3 +70,8 @@ def test_paired_gain_over_seeds_covers_the_seed_spread():
 def test_paired_gain_refuses_unpaired_input():
     with pytest.raises(ValueError, match="equal, non-empty"):
         stats.paired_gain(np.ones(3, bool), np.ones(4, bool))
+
+
+def test_paired_gain_on_one_image_has_no_spread():
+    g = stats.paired_gain(np.array([True]), np.array([False]))
+    assert (g.diff, g.ci_low, g.ci_high, g.a_only, g.b_only) == (1.0, 1.0, 1.0, 1, 0)

@@ -9,11 +9,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kdflow import data, evaluate, registry, tracking
+from kdflow import data, evaluate, registry, stats, tracking
 from kdflow.config import Config, load_config
 from kdflow.errors import ConfigError
 from kdflow.models import checkpoint, count_params
@@ -178,6 +179,7 @@ def expected_lineage(pipeline: Pipeline, name: str) -> dict[str, str]:
         "kdflow.student": "pruned60",
         "kdflow.student_arch": pipeline.cfg.teacher.arch,
         "kdflow.prune_ratio": "0.6",
+        "kdflow.init": "pruned",  # the pruned teacher's weights (not a from-scratch twin)
         "kdflow.loss": loss,
         "kdflow.loss_name": loss,
         "kdflow.temperature": "4.0",
@@ -303,7 +305,7 @@ def expected_metric_keys(manifest: dict, test_y: torch.Tensor, teacher_metrics: 
         keys |= {"test_top5", "val_top5"}
     keys |= {f"test_class_{int(c)}_acc" for c in test_y.unique()}
     keys |= {"params", "size_bytes", "flops", "macs", "latency_ms_b1", "latency_ms_b64", "compression", "speedup_b1"}
-    if teacher_metrics["test_top1"] > 0:
+    if teacher_metrics["val_top1"] > 0:
         keys.add("teacher_retention")
     return keys
 
@@ -326,7 +328,7 @@ def test_evaluate_reports_recomputed_metrics(pipeline, distilled, evaluated):
     for rep in reports:
         cdir = student_dir / rep["name"]
         m = rep["metrics"]
-        assert set(rep) == {"name", "metrics", "confusion_matrix", "classes"}
+        assert set(rep) == {"name", "metrics", "confusion_matrix", "classes", "test_correct"}
         assert rep["classes"] == manifest["tasks"]["target"]["classes"]
         assert set(m) == expected_metric_keys(manifest, test.y, teacher_metrics)
         model, _ = checkpoint.load(cdir)
@@ -356,7 +358,10 @@ def test_evaluate_reports_recomputed_metrics(pipeline, distilled, evaluated):
         assert m["latency_ms_b1"] > 0 and m["latency_ms_b64"] > 0
         assert m["compression"] == teacher_metrics["params"] / count_params(model)
         assert m["compression"] > 1  # pruning made it smaller
-        assert m["teacher_retention"] == m["test_top1"] / teacher_metrics["test_top1"]
+        assert m["teacher_retention"] == m["val_top1"] / teacher_metrics["val_top1"]  # the split the policy reads
+        logits = evaluate.predict(model, test.x, norm)
+        assert rep["test_correct"] == (logits.argmax(1) == test.y).int().tolist()  # the paired evidence's input
+        assert sum(rep["test_correct"]) / len(test.y) == pytest.approx(m["test_top1"], abs=1e-7)  # float32 mean
         assert m["speedup_b1"] == teacher_metrics["latency_ms_b1"] / m["latency_ms_b1"]
 
 
@@ -442,7 +447,22 @@ def test_register_versions_every_model_and_moves_the_alias_only_for_a_better_pic
     assert versions_of(client, model) == [1, 2] and versions_of(client, teacher_model) == [1]
     assert s1["teacher"] == {"version": 1, **teacher_info["metrics"]}
     halved = {r["name"]: r["metrics"] for r in json.loads(half.read_text())}
-    assert s1["candidates"] == {n: {"version": 1 + i, **halved[n]} for i, n in enumerate(NAMES)}
+    # the kd candidate also carries its paired gain over the same student's ce, on the same test images
+    correct = {r["name"]: np.array(r["test_correct"], bool) for r in reports}
+    gain = stats.paired_gain(correct["pruned60-kd"], correct["pruned60-ce"])
+    gain_metrics = {
+        "gain_vs_ce_test_top1": gain.diff,
+        "gain_vs_ce_ci_low": gain.ci_low,
+        "gain_vs_ce_ci_high": gain.ci_high,
+        "gain_vs_ce_p_value": gain.p_value,
+    }
+    expected = {n: {"version": 1 + i, **halved[n]} for i, n in enumerate(NAMES)}
+    expected["pruned60-kd"].update(gain_metrics)
+    assert s1["candidates"] == expected
+    weak = teacher_info["metrics"]["val_top1"] < by_name["pruned60-ce"]["val_top1"]
+    assert s1["evidence"]["weak_teacher"] is weak
+    assert s1["evidence"]["gains_vs_ce"]["pruned60-kd"]["baseline"] == "pruned60-ce"
+    assert s1["evidence"]["gains_vs_ce"]["pruned60-kd"]["shown"] == gain.format()
     assert s1["model_name"] == model and s1["policy"] == ctx.cfg.registry.policy.model_dump()
 
     # 2. the real scores beat the lowered champion, but not by registry.min_improvement=1.0: the alias stays
@@ -488,12 +508,15 @@ def test_register_versions_every_model_and_moves_the_alias_only_for_a_better_pic
         assert logged == {k: v for k, v in s.items() if k != "register_run_id"}
     mv = client.get_model_version(model, str(5 + slot))
     info = read_info(student_dir / pick)
+    extra = gain_metrics if pick == "pruned60-kd" else {}
+    flagged = {"kdflow.weak_teacher": "true"} if weak and pick == "pruned60-kd" else {}
     assert mv.tags == {
         **info["tags"],
+        **flagged,
         "kdflow.teacher_model": teacher_model,
         "kdflow.teacher_version": "3",
         registry.TEST_HASH_TAG: pipeline.manifest["target_test_hash"],
-        **{k: repr(float(v)) for k, v in by_name[pick].items()},
+        **{k: repr(float(v)) for k, v in {**by_name[pick], **extra}.items()},
     }
     tv = client.get_model_version(teacher_model, "3")
     assert tv.tags == {

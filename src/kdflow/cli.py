@@ -74,39 +74,67 @@ def run(
         console.print(f"Open the runs: [bold]mlflow ui --backend-store-uri {uri}[/bold]")
 
 
+def _macs(n: float) -> str:
+    """Multiply-accumulates per image, short: 1.49M, 223k."""
+    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def _shown_gain(g: dict | None) -> str:
+    """`+1.2 [+0.3, +2.1]`, starred when the interval is above 0 and McNemar p < 0.05."""
+    if g is None:
+        return ""
+    return g["shown"] + ("*" if g["p_value"] < 0.05 and g["ci_low"] > 0 else "")
+
+
+def _evidence_cells(name: str, ev: dict) -> list[str]:
+    """The `vs ce` (and, with from-scratch baselines, `vs scratch`) cells of one candidate's row."""
+    gains, scratch = ev.get("gains_vs_ce", {}), ev.get("gains_vs_scratch", {})
+    vs = _shown_gain(gains.get(name))
+    if not vs and any(v["baseline"] == name for v in gains.values()):
+        vs = "baseline (pruned init)" if name in scratch else "baseline"
+    if not vs and any(v["baseline"] == name for v in scratch.values()):
+        vs = "baseline (from scratch)"
+    return [vs, _shown_gain(scratch.get(name))] if scratch else [vs]
+
+
 def _print_summary(summary: dict) -> None:
-    d = summary["decision"]
-    table = Table(title=f"{summary['model_name']}: teacher and candidates")
-    for col in ("model", "val top-1", "test top-1", "params", "smaller", "ms @b1", "agrees", "version", "status"):
-        table.add_column(col, justify="left" if col in ("model", "status") else "right")
+    """The run's final table: the teacher and every candidate, their evidence against `ce`, and the decision."""
+    d, ev = summary["decision"], summary.get("evidence", {})
+    gains = ev.get("gains_vs_ce", {})
+    table = Table(title=f"{summary['model_name']}: teacher and candidates (top-1 on val and test)")
+    evidence_cols = ["vs ce, 95% CI"] + (["vs scratch"] if ev.get("gains_vs_scratch") else [])
+    cols = ("model", "val", "test", *evidence_cols, "params", "MACs", "ms @b1")
+    for col in (*cols, "agrees", "ver", "status"):
+        # every cell but the status reads whole: names, numbers and intervals are never cut
+        table.add_column(col, justify="left" if col in ("model", "status") else "right", no_wrap=col != "status")
     t = summary["teacher"]
+    teacher_status = "[yellow]weak teacher[/yellow]" if ev.get("weak_teacher") else ""
     table.add_row(
-        "teacher",
-        f"{t['val_top1']:.2%}",
-        f"{t['test_top1']:.2%}",
-        f"{int(t['params']):,}",
-        "1.0x",
-        f"{t['latency_ms_b1']:.3f}",
-        "",
-        f"v{t['version']}",
-        "",
-    )
+        "teacher", f"{t['val_top1']:.2%}", f"{t['test_top1']:.2%}", *[""] * len(evidence_cols),
+        f"{int(t['params']):,}", _macs(t["macs"]), f"{t['latency_ms_b1']:.3f}", "",
+        f"v{t['version']}", teacher_status,
+    )  # fmt: skip
     for name, c in sorted(summary["candidates"].items(), key=lambda kv: -kv[1]["val_top1"]):
         mark = "champion" if c["version"] == d["champion_version"] else ("selected" if name == d["selected"] else "")
         if name in d["rejected"]:
             mark = f"policy: {d['rejected'][name]}"
         table.add_row(
-            name,
-            f"{c['val_top1']:.2%}",
-            f"{c['test_top1']:.2%}",
-            f"{int(c['params']):,}",
-            f"{c['compression']:.1f}x",
-            f"{c['latency_ms_b1']:.3f}",
-            f"{c['teacher_agreement']:.2%}",
-            f"v{c['version']}",
-            mark,
-        )
+            name, f"{c['val_top1']:.2%}", f"{c['test_top1']:.2%}", *_evidence_cells(name, ev),
+            f"{int(c['params']):,}", _macs(c["macs"]), f"{c['latency_ms_b1']:.3f}",
+            f"{c['teacher_agreement']:.2%}", f"v{c['version']}", mark,
+        )  # fmt: skip
     console.print(table)
+    if gains:
+        console.print(
+            "vs ce: test top-1 points over the same student trained with plain cross-entropy in this run, "
+            "paired bootstrap 95% interval; * = interval above 0 and McNemar p < 0.05"
+        )
+        if not any(g["ci_low"] > 0 and g["p_value"] < 0.05 for g in gains.values()):
+            console.print("[yellow]no distilled candidate beat its ce baseline beyond noise in this run[/yellow]")
+    if ev.get("weak_teacher"):
+        console.print(f"[yellow]{escape(ev['weak_teacher_reason'])}[/yellow]", soft_wrap=True)
+    if d.get("selection_reason"):
+        console.print(f"selected: {escape(d['selection_reason'])}", soft_wrap=True)
     verdict = "[green]promoted[/green]" if d["promoted"] else "[yellow]champion unchanged[/yellow]"
     console.print(f"{verdict}: {d['reason']}")
 

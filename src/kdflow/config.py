@@ -32,7 +32,12 @@ Architecture = Literal[ARCHITECTURES]
 
 # the objective kinds `kdflow.objectives.OBJECTIVES` registers, named here for the same reason (a test keeps the
 # two equal): what each one needs (a teacher, features, source images) is the objective class's to say
-OBJECTIVE_KINDS = ("ce", "kd", "logit_mse", "hint")
+OBJECTIVE_KINDS = ("ce", "kd", "logit_mse", "hint", "dkd", "dist")
+# the kinds whose class accepts `standardize: true` (`Objective.standardizable`), and those whose distillation term
+# needs the labels of its transfer images, so only `transfer: target` (`Objective.needs_labelled_transfer`); the
+# same test keeps these equal to the classes' flags
+STANDARDIZABLE_KINDS = ("kd", "dkd")
+LABELLED_TRANSFER_KINDS = ("dkd",)
 
 
 def _distinct(values: list[int] | None, what: str) -> list[int] | None:
@@ -57,7 +62,10 @@ class DataConfig(_Section):
     target_classes: list[int] | None = None
     shift: Literal["hflip", "vflip", "rot90", "invert"] = "hflip"
     source_fraction: float = Field(0.4, gt=0.0, lt=1.0)
-    target_samples_per_class: int | None = Field(None, ge=1)
+    target_samples_per_class: int | None = Field(None, ge=1)  # few-shot: caps the target's training split
+    # and its validation split, so selection rests on no more labels per class than this many ("train": the same
+    # cap as training; a number; None: the whole validation split). The test split is never capped.
+    target_val_samples_per_class: int | Literal["train"] | None = "train"
     max_source_samples: int | None = Field(None, ge=10)
     image_size: int | None = Field(None, ge=4, le=1024)
     channels: Literal[1, 3] | None = None
@@ -117,6 +125,19 @@ class TrainConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0.0, lt=1.0)
     augment: Literal["none", "crop", "crop_flip"] = "none"
     compile: bool = False  # torch.compile the trained model: pays off on GPUs for long runs, costs start-up time
+    # the learning rate per optimizer step: cosine to 0 over `epochs`, constant, or step (x0.1 at 50% and 75% of
+    # `epochs`), after a linear warm-up from lr/steps over `warmup_epochs`
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0, le=1000)
+    # early stopping: end when validation has not improved for this many epochs (`epochs` is then a maximum);
+    # None trains every epoch. The best-validation weights are kept either way.
+    patience: int | None = Field(None, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainConfig:
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be below epochs={self.epochs}")
+        return self
 
 
 class TeacherConfig(_Section):
@@ -125,8 +146,13 @@ class TeacherConfig(_Section):
     arch: Architecture = "cnn"
     arch_kwargs: dict[str, Any] = Field(default_factory=lambda: {"width": 32})
     pretrained: str | None = None
-    pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, lr=0.05))
-    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, lr=0.02))
+    # to convergence: `epochs` is a maximum, early stopping after `patience` epochs without a better validation
+    pretrain: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=20, lr=0.05, warmup_epochs=1, patience=5)
+    )
+    finetune: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=20, lr=0.02, warmup_epochs=1, patience=5)
+    )
 
 
 class PruneConfig(_Section):
@@ -150,18 +176,31 @@ class PruneConfig(_Section):
 
 
 class StudentConfig(_Section):
-    """A student network: a pruned teacher (`from_pruned: ratio`) or a fresh registry architecture."""
+    """A student network: a pruned teacher (`from_pruned: ratio`) or a fresh registry architecture. With
+    `reinit`, a pruned student keeps the pruned architecture but starts from random weights: trained with `ce`,
+    it is what the teacher's knowledge (its weights and its outputs) is measured against."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
     from_pruned: float | None = None
     arch: Architecture | None = None
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    reinit: bool = False
 
     @model_validator(mode="after")
     def _one_origin(self) -> StudentConfig:
         if (self.from_pruned is None) == (self.arch is None):
             raise ValueError(f"student {self.name!r} needs exactly one of from_pruned or arch")
+        if self.reinit and self.from_pruned is None:
+            raise ValueError(f"student {self.name!r}: reinit applies to a pruned student (from_pruned)")
         return self
+
+    @property
+    def init(self) -> str:
+        """Where its weights start: "pruned" (the pruned teacher's), "scratch" (pruned shapes, random weights) or
+        "random" (a registry architecture)."""
+        if self.from_pruned is None:
+            return "random"
+        return "scratch" if self.reinit else "pruned"
 
 
 class LossConfig(_Section):
@@ -173,7 +212,24 @@ class LossConfig(_Section):
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     lam: float = Field(1.0, ge=0.0, le=1e4)
     beta: float = Field(1.0, ge=0.0, le=1e4)
+    gamma: float = Field(1.0, ge=0.0, le=1e4)  # DIST's intra-class weight
+    # z-score the student's and the teacher's transfer logits before the softened softmax (kd, dkd)
+    standardize: bool = False
     transfer: Literal["target", "source", "both"] = "target"
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> LossConfig:
+        if self.standardize and self.kind not in STANDARDIZABLE_KINDS:
+            raise ValueError(
+                f"standardize: true applies only to kinds {', '.join(STANDARDIZABLE_KINDS)}; "
+                f"loss {self.name!r} has kind {self.kind!r}"
+            )
+        if self.kind in LABELLED_TRANSFER_KINDS and self.transfer != "target":
+            raise ValueError(
+                f"loss {self.name!r} of kind {self.kind!r} needs the labels of its transfer images, so transfer "
+                f"must be 'target' (got transfer: {self.transfer!r})"
+            )
+        return self
 
 
 class Candidate(_Section):
@@ -207,6 +263,13 @@ class DistillConfig(_Section):
     # candidates trained together in one step (one process, one data stream, one teacher pass per batch);
     # 1 = a pod per candidate. 3 fills the local runner's two parallel slots with the default six candidates.
     candidates_per_step: int = Field(3, ge=1, le=256)
+    # every student also trains with plain cross-entropy (kind `ce`, named "ce") when no loss of the grid is one:
+    # the baseline each distilled candidate's gain is measured against, on the same test images
+    ce_baseline: bool = True
+    # each pruned student's architecture also trains from random weights with plain CE ("<student>_scratch"):
+    # the baseline that shows what the teacher's knowledge is worth, since a pruned student's own `ce` candidate
+    # starts from the pruned teacher's weights
+    scratch_baselines: bool = False
 
     @model_validator(mode="after")
     def _unique_names(self) -> DistillConfig:
@@ -257,7 +320,21 @@ class RegistryConfig(_Section):
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
     champion_metric: Literal["test_top1", "test_top5"] = "test_top1"
     min_improvement: float = Field(0.0, ge=0.0, le=1.0)
+    # "improvement": the pick becomes champion when its champion_metric beats the champion's by more than
+    # min_improvement; "significance": only when the paired test on the same test images says it is better
+    # (McNemar p < significance_level and the paired bootstrap interval above 0; top-1 only)
+    gate: Literal["improvement", "significance"] = "improvement"
+    significance_level: float = Field(0.05, gt=0.0, lt=1.0)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+    @model_validator(mode="after")
+    def _gate_metric(self) -> RegistryConfig:
+        if self.gate == "significance" and self.champion_metric != "test_top1":
+            raise ValueError(
+                f"registry.gate=significance compares per-image top-1 correctness; "
+                f"registry.champion_metric={self.champion_metric!r} must be 'test_top1'"
+            )
+        return self
 
 
 K8S_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"  # a Kubernetes resource quantity
@@ -347,8 +424,21 @@ class Config(_Section):
         return self
 
     def candidates(self) -> list[Candidate]:
-        """The student × loss grid, students first: what the pipeline's distill steps train."""
-        return [Candidate(student=s, loss=l) for s in self.distill.students for l in self.distill.losses]
+        """The student × loss grid, students first: what the pipeline's distill steps train. With
+        `distill.ce_baseline` and no `ce` loss in the grid, a `ce` loss is added (named "ce", or "ce_baseline"
+        when a loss of another kind took that name)."""
+        losses = list(self.distill.losses)
+        if self.distill.ce_baseline and not any(l.kind == "ce" for l in losses):
+            taken = {l.name for l in losses}
+            losses.append(LossConfig(name="ce" if "ce" not in taken else "ce_baseline", kind="ce"))
+        grid = [Candidate(student=s, loss=l) for s in self.distill.students for l in losses]
+        if self.distill.scratch_baselines:
+            ce = LossConfig(name="ce", kind="ce")
+            for s in self.distill.students:
+                if s.from_pruned is not None and not s.reinit:
+                    twin = s.model_copy(update={"name": f"{s.name}_scratch", "reinit": True})
+                    grid.append(Candidate(student=twin, loss=ce))
+        return grid
 
     def candidate(self, name: str) -> Candidate:
         """The grid's candidate called `name`; an unknown name lists the known ones."""

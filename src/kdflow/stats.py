@@ -69,8 +69,8 @@ def paired_gain(
     diff = float(d.mean())
     a_only, b_only = int((d == 1).sum()), int((d == -1).sum())
     rng = np.random.default_rng(seed)
-    if not d.any():
-        low = high = 0.0  # identical predictions: every resample gives 0
+    if not d.any() or d.size == 1:
+        low = high = diff  # identical predictions, or one image: every resample gives the same difference
     elif len(d) == 1:
         res = sps.bootstrap(
             (d[0],), np.mean, n_resamples=resamples, confidence_level=confidence, method="BCa", random_state=rng

@@ -160,6 +160,26 @@ def set_tags(tags: dict[str, str]) -> None:
     mlflow.set_tags(tags)
 
 
+def log_metrics_to(run_id: str, metrics: dict[str, float]) -> None:
+    """Log metrics to `run_id` without touching its status (a finished run stays FINISHED)."""
+    import time
+
+    import mlflow
+
+    now = int(time.time() * 1000)
+    items = [mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for chunk in _chunks(items, 1000):
+        mlflow.MlflowClient().log_batch(run_id, metrics=chunk)
+
+
+def set_tags_on(run_id: str, tags: dict[str, str]) -> None:
+    """Tag `run_id` without touching its status."""
+    import mlflow
+
+    items = [mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()]
+    mlflow.MlflowClient().log_batch(run_id, tags=items)
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     import mlflow
 

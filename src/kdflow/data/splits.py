@@ -129,6 +129,11 @@ def split_task(s: ImageSet, cfg: DataConfig, task: str, seed: int) -> dict[str, 
         parts["train"] = parts["train"].subset(torch.arange(min(cfg.max_source_samples, len(parts["train"].x))))
     if task == "target" and cfg.target_samples_per_class:
         parts["train"] = limit_per_class(parts["train"], cfg.target_samples_per_class, f"few/{seed}")
+    val_cap = cfg.target_val_samples_per_class
+    if val_cap == "train":
+        val_cap = cfg.target_samples_per_class
+    if task == "target" and val_cap:
+        parts["val"] = limit_per_class(parts["val"], val_cap, f"few-val/{seed}")
     for name, part in parts.items():
         if len(part.x) == 0:
             raise DataError(f"{task} {name} split is empty: the data set is too small for the configured fractions")

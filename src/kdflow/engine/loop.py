@@ -48,6 +48,14 @@ class FitResult:
     best_epoch: int
     best_val_acc: float
     history: list[dict[str, float]] = field(default_factory=list)
+    epochs: int = 0  # epochs trained: `cfg.epochs`, or fewer when early stopping ended the run
+    stopped_early: bool = False
+
+    @property
+    def still_improving(self) -> bool:
+        """Validation was still improving when training ended: its best epoch is among the last
+        max(1, epochs // 5) (never after an early stop). More epochs would likely have helped."""
+        return not self.stopped_early and self.epochs > 0 and self.best_epoch > self.epochs - max(1, self.epochs // 5)
 
 
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -59,8 +67,21 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.
 
 
 def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
-    """Cosine from the configured rate to zero over the whole run, stepped per batch."""
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    """The learning-rate schedule, stepped per batch (`cfg.schedule` after `cfg.warmup_epochs` of linear warm-up):
+    cosine from the configured rate to zero over the whole run, constant, or ×0.1 at 50% and 75% of it."""
+    sched = torch.optim.lr_scheduler
+    total, warm = max(1, cfg.epochs * steps_per_epoch), cfg.warmup_epochs * steps_per_epoch
+    rest = max(1, total - warm)
+    if cfg.schedule == "cosine":
+        main = sched.CosineAnnealingLR(opt, T_max=rest)
+    elif cfg.schedule == "step":
+        main = sched.MultiStepLR(opt, milestones=[max(1, rest // 2), max(2, (3 * rest) // 4)], gamma=0.1)
+    else:
+        main = sched.ConstantLR(opt, factor=1.0, total_iters=0)
+    if not warm:
+        return main
+    warmup = sched.LinearLR(opt, start_factor=1.0 / warm, end_factor=1.0, total_iters=warm)
+    return sched.SequentialLR(opt, [warmup, main], milestones=[warm])
 
 
 def validate(model: nn.Module, val: ImageSet, normalizer: Normalizer) -> tuple[float, float]:
@@ -108,6 +129,7 @@ class Job:
         self.best_key = (init_acc, -init_loss)
         self.best_state = copy.deepcopy(model.state_dict())
         self.sums: dict[str, torch.Tensor] = {}
+        self.patience, self.since_best, self.done = cfg.patience, 0, False
 
     def outputs(self, b: Batch, t: TeacherView) -> objectives.Outputs:
         """The student's forward pass on the batch, and the student and teacher on its transfer set."""
@@ -156,9 +178,14 @@ class Job:
         metrics["lr"] = self.sched.get_last_lr()[0]
         self.result.history.append(metrics)
         key = (metrics["val_acc"], -metrics["val_loss"])  # small val sets saturate: ties go to the lower loss
+        self.since_best += 1
         if key > self.best_key:
             self.best_key, self.result.best_epoch, self.result.best_val_acc = key, epoch, metrics["val_acc"]
             self.best_state = copy.deepcopy(model.state_dict())
+            self.since_best = 0
+        self.result.epochs = epoch
+        if self.patience is not None and self.since_best >= self.patience:  # early stop (same on every rank)
+            self.done = self.result.stopped_early = True
         if self.spec.on_epoch and ddp.is_main():
             self.spec.on_epoch(epoch, metrics)
 
@@ -261,15 +288,18 @@ def fit_many(
     amp, _ = autocast(run.device)
     gen = torch.Generator(device=run.device).manual_seed(seed)
     for epoch in range(1, cfg.epochs + 1):
-        for job in jobs:
+        active = [job for job in jobs if not job.done]  # early stopping ends each student's run on its own
+        if not active:
+            break
+        for job in active:
             job.net.train()
             job.sums = {}
         for batch in run.stream.epoch(gen):
             t = outputs(batch)  # the teacher on the batch: one lookup or pass for all students
-            for job in jobs:
+            for job in active:
                 with job.rng.active():
                     job.step(batch, t, amp)
-        for job in jobs:
+        for job in active:
             job.end_epoch(epoch, run)
     for tap in run.taps.values():
         tap.close()

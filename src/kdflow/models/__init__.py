@@ -11,6 +11,7 @@ from kdflow.models.zoo import (
     build,
     count_params,
     hint_layer,
+    reinitialize,
     replace_head,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "build",
     "count_params",
     "hint_layer",
+    "reinitialize",
     "replace_head",
 ]

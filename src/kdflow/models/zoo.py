@@ -165,6 +165,17 @@ def build(arch: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Mo
         raise ModelError(f"bad arguments {kwargs} for architecture {arch!r}: {err}") from None
 
 
+def reinitialize(model: nn.Module) -> nn.Module:
+    """Fresh random weights in place, shapes kept: every submodule's own `reset_parameters` (convolutions,
+    linear layers, BatchNorm's affine parameters and running statistics)."""
+    for m in model.modules():
+        if hasattr(m, "reset_running_stats"):
+            m.reset_running_stats()
+        if hasattr(m, "reset_parameters") and m is not model:
+            m.reset_parameters()
+    return model
+
+
 def replace_head(model: nn.Module, num_classes: int, arch: str) -> nn.Module:
     """A fresh linear classifier with `num_classes` outputs: the transfer-learning step."""
     path = MODELS[arch].head if arch in MODELS else "fc"

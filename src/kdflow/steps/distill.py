@@ -72,6 +72,8 @@ def _open(
     seed_everything(ctx.cfg.seed)
     if s.from_pruned is not None:
         model, spec = checkpoint.load(pruned_dir(pruned_root, s.from_pruned))
+        if s.reinit:  # the pruned architecture from random weights: the from-scratch baseline
+            zoo.reinitialize(model)
     else:
         t = manifest["tasks"]["target"]
         model = zoo.build(s.arch, t["shape"][0], t["num_classes"], **s.arch_kwargs)
@@ -81,6 +83,7 @@ def _open(
         "kdflow.student": s.name,
         "kdflow.student_arch": spec["arch"],
         "kdflow.prune_ratio": str(s.from_pruned) if s.from_pruned is not None else "none",
+        "kdflow.init": s.init,
         "kdflow.loss": loss.kind,
         "kdflow.loss_name": loss.name,
         "kdflow.temperature": str(loss.temperature),

@@ -46,16 +46,26 @@ def evaluate_candidates(ctx: StepContext, data_dir: str, teacher_dir: str, stude
             tracking.log_metrics(metrics)
             figure = evaluate.confusion_figure(cm, classes, f"{info['name']} (test)")
             tracking.log_figure(figure, "confusion_matrix.png")
-        reports.append({"name": info["name"], "metrics": metrics, "confusion_matrix": cm.tolist(), "classes": classes})
+        correct = (s_test.argmax(1) == tgt["test"].y).int().tolist()  # per test image: the paired evidence's input
+        reports.append(
+            {
+                "name": info["name"],
+                "metrics": metrics,
+                "confusion_matrix": cm.tolist(),
+                "classes": classes,
+                "test_correct": correct,
+            }
+        )
     Path(report_path).parent.mkdir(parents=True, exist_ok=True)
     Path(report_path).write_text(json.dumps(reports, indent=1))
     return reports
 
 
 def relative_to_teacher(metrics: dict, teacher: dict) -> dict:
-    """Compression (teacher params / student params), teacher retention (test top-1 ratio) and batch-1 speed-up."""
+    """Compression (teacher params / student params), teacher retention (val top-1 ratio: the split the policy's
+    `min_teacher_retention` reads) and batch-1 speed-up."""
     out = {"compression": teacher["params"] / metrics["params"]}
-    if teacher["test_top1"] > 0:  # a teacher that gets nothing right has nothing to retain
-        out["teacher_retention"] = metrics["test_top1"] / teacher["test_top1"]
+    if teacher["val_top1"] > 0:  # a teacher that gets nothing right has nothing to retain
+        out["teacher_retention"] = metrics["val_top1"] / teacher["val_top1"]
     out["speedup_b1"] = teacher["latency_ms_b1"] / metrics["latency_ms_b1"] if "latency_ms_b1" in teacher else 0.0
     return out

@@ -8,12 +8,16 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from kdflow import data, evaluate, registry, tracking
+from kdflow import data, evaluate, evidence, registry, tracking
 from kdflow.config import Config
 from kdflow.data import ImageSet
+from kdflow.stats import Gain, paired_gain
 from kdflow.steps.context import StepContext, candidate_dirs, read_info
+
+WEAK_TEACHER_TAG = "kdflow.weak_teacher"  # the teacher is below a student trained without it (on validation)
 
 
 def register(
@@ -23,9 +27,22 @@ def register(
     returns the summary: the decision, the teacher's and every candidate's metrics and versions, the policy."""
     cfg = ctx.cfg
     manifest = data.read_manifest(data_dir)
-    candidates = _candidates(student_dirs, report_paths)
+    candidates, scored = _candidates(student_dirs, report_paths)
     teacher_info = read_info(teacher_dir)
-    rescore = rescorer(cfg, manifest, data.load_imageset(data_dir, "target", "test"))
+    test = data.load_imageset(data_dir, "target", "test")
+    rescore = rescorer(cfg, manifest, test)
+    ev = evidence.gather(scored, teacher_info["metrics"]["val_top1"])
+    for c in candidates:  # the gain over the same student's ce, on the candidate's run and its version's tags
+        c.metrics.update(ev.metrics(c.name))
+        if ev.metrics(c.name):
+            tracking.log_metrics_to(c.run_id, ev.metrics(c.name))
+        if ev.weak_teacher and c.name in ev.baseline:
+            c.tags[WEAK_TEACHER_TAG] = "true"
+            tracking.set_tags_on(c.run_id, {WEAK_TEACHER_TAG: "true"})
+    if ev.weak_teacher:
+        tracking.set_tags_on(ctx.parent_id, {WEAK_TEACHER_TAG: "true"})
+        print(f"{tracking.PROGRESS_PREFIX} {ev.weak_teacher_reason}", flush=True)
+    val_images = manifest["tasks"]["target"]["counts"]["val"]
     with ctx.child("register", "register") as run:
         decision = registry.register_and_promote(
             tracking.client(),
@@ -35,16 +52,25 @@ def register(
             manifest["target_test_hash"],
             rescore,
             teacher_uri=teacher_info["model_uri"],
+            val_images=val_images,
+            paired=pairing(cfg, manifest, test, {s.name: s.correct for s in scored}),
         )
         summary = {
             "decision": asdict(decision),
+            "evidence": ev.summary(),
             "teacher": {"version": decision.teacher_version, **teacher_info["metrics"]},
             "candidates": {c.name: {"version": decision.versions[c.name], **c.metrics} for c in candidates},
             "model_name": cfg.registry.model_name,
             "policy": cfg.registry.policy.model_dump(),
         }
         tracking.log_dict(summary, "decision.json")
-        tracking.set_tags({"kdflow.promoted": str(decision.promoted), "kdflow.selected": str(decision.selected)})
+        tracking.set_tags(
+            {
+                "kdflow.promoted": str(decision.promoted),
+                "kdflow.selected": str(decision.selected),
+                WEAK_TEACHER_TAG: str(ev.weak_teacher).lower(),
+            }
+        )
         tracking.log_metrics({"promoted": float(decision.promoted)})
         summary["register_run_id"] = run.info.run_id
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
@@ -52,39 +78,65 @@ def register(
     return summary
 
 
-def _candidates(student_dirs: list[str], report_paths: list[str]) -> list[registry.Candidate]:
-    """Every candidate the distill steps trained, with the metrics its evaluation reported."""
+def _candidates(
+    student_dirs: list[str], report_paths: list[str]
+) -> tuple[list[registry.Candidate], list[evidence.Scored]]:
+    """Every candidate the distill steps trained, with the metrics its evaluation reported, and as the evidence
+    sees it (its student, objective kind and per-image test correctness)."""
     reports = {r["name"]: r for p in report_paths for r in json.loads(Path(p).read_text())}
-    out = []
+    out, scored = [], []
     for d in (c for group in student_dirs for c in candidate_dirs(group)):
         info = read_info(d)
         if info["name"] not in reports:
             raise ValueError(f"candidate {info['name']!r} has no evaluation report")
-        metrics = reports[info["name"]]["metrics"]
-        out.append(registry.Candidate(info["name"], metrics, info["run_id"], info["model_uri"], info["tags"]))
-    return out
+        report, tags = reports[info["name"]], info["tags"]
+        metrics = dict(report["metrics"])
+        out.append(registry.Candidate(info["name"], metrics, info["run_id"], info["model_uri"], dict(tags)))
+        correct = np.asarray(report.get("test_correct", []), dtype=bool)
+        init = tags.get(evidence.INIT_TAG, "pruned")
+        student, kind = tags[evidence.STUDENT_TAG], tags[evidence.LOSS_TAG]
+        scored.append(evidence.Scored(info["name"], student, kind, metrics, correct, init))
+    return out, scored
+
+
+def pairing(
+    cfg: Config, manifest: dict, test: ImageSet, correct: dict[str, np.ndarray]
+) -> Callable[[str, str], Gain]:
+    """For the significance gate: a candidate's paired gain over a registered model on this run's test images."""
+
+    def paired(name: str, model_uri: str) -> Gain:
+        logits = _logits(cfg, manifest, test, model_uri)
+        return paired_gain(correct[name], (logits.argmax(1) == test.y).numpy())
+
+    return paired
+
+
+def _logits(cfg: Config, manifest: dict, test: ImageSet, model_uri: str) -> torch.Tensor:
+    """A registered model's logits on the test split; a clear error when it cannot score this task."""
+    num_classes = manifest["tasks"]["target"]["num_classes"]
+    served = tracking.load_pytorch_model(model_uri)
+    with torch.no_grad():
+        try:
+            logits = torch.cat([served(test.x[i : i + 256].float()) for i in range(0, len(test), 256)])
+        except Exception as err:  # a champion for another input shape or class count
+            raise ValueError(
+                f"the current {cfg.registry.alias} of {cfg.registry.model_name!r} ({model_uri}) cannot be scored "
+                f"on this run's test data ({err}); use another registry.model_name for this task"
+            ) from None
+    if logits.shape[1] != num_classes:
+        raise ValueError(
+            f"the current {cfg.registry.alias} ({model_uri}) predicts {logits.shape[1]} classes, "
+            f"this task has {num_classes}"
+        )
+    return logits
 
 
 def rescorer(cfg: Config, manifest: dict, test: ImageSet) -> Callable[[str], float]:
     """The champion metric of a registered model (`models:/...`) on this run's test split: how the current
     champion is scored when its stored score was measured on other test data."""
-    num_classes = manifest["tasks"]["target"]["num_classes"]
 
     def rescore(model_uri: str) -> float:
-        served = tracking.load_pytorch_model(model_uri)
-        with torch.no_grad():
-            try:
-                logits = torch.cat([served(test.x[i : i + 256].float()) for i in range(0, len(test), 256)])
-            except Exception as err:  # a champion for another input shape or class count
-                raise ValueError(
-                    f"the current {cfg.registry.alias} of {cfg.registry.model_name!r} ({model_uri}) cannot be scored "
-                    f"on this run's test data ({err}); use another registry.model_name for this task"
-                ) from None
-        if logits.shape[1] != num_classes:
-            raise ValueError(
-                f"the current {cfg.registry.alias} ({model_uri}) predicts {logits.shape[1]} classes, "
-                f"this task has {num_classes}"
-            )
+        logits = _logits(cfg, manifest, test, model_uri)
         return evaluate.topk_accuracy(logits, test.y, 5 if cfg.registry.champion_metric == "test_top5" else 1)
 
     return rescore

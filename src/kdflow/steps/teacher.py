@@ -123,12 +123,26 @@ def _finish(ctx, net, manifest, data_dir, out_dir, run_id, pre: FitResult, fine:
     with timing.compute():
         metrics = {
             "pretrain_best_val_top1": pre.best_val_acc,
+            "pretrain_epochs": pre.epochs,
+            "pretrain_still_improving": float(pre.still_improving),
+            "finetune_best_epoch": fine.best_epoch,
+            "finetune_epochs": fine.epochs,
+            "finetune_still_improving": float(fine.still_improving),
             "pretrain_source_test_top1": source_test,
             "val_top1": accuracy(predict(net, tgt["val"].x, norm), tgt["val"].y),
             "test_top1": accuracy(predict(net, tgt["test"].x, norm), tgt["test"].y),
             **profile(net, norm, data_dir, cfg, out_dir),
         }
     tracking.log_metrics(metrics)
+    for phase, result, key in (("pretraining", pre, "pretrain"), ("fine-tuning", fine, "finetune")):
+        if result.still_improving:  # said in the run log, the console and on the run
+            print(
+                f"{tracking.PROGRESS_PREFIX} teacher {phase} was still improving on validation when it ended "
+                f"(best epoch {result.best_epoch} of {result.epochs}): raise teacher.{key}.epochs "
+                f"(with teacher.{key}.patience it stops by itself)",
+                flush=True,
+            )
+    tracking.set_tags({"kdflow.teacher_still_improving": str(pre.still_improving or fine.still_improving).lower()})
     model_uri = log_servable(net, norm, data_dir)
     save_teacher_outputs(cfg, net, norm, data_dir, manifest, out_dir)
     info = {
