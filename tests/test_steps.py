@@ -568,3 +568,17 @@ def test_finalize_a_succeeded_pipeline_still_fails_a_killed_child(pipeline):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["kdflow.outcome"] == "succeeded" and "kdflow.outcome_detail" not in parent.data.tags
     assert finalize(ctx, succeeded=True) == []  # nothing left RUNNING
+
+
+def test_register_refuses_a_report_without_per_image_results_before_writing(pipeline, distilled, evaluated, tmp_path):
+    _, student_dir = distilled
+    reports, _ = evaluated
+    client = pipeline.client()
+    stripped = tmp_path / "stripped.json"
+    stripped.write_text(json.dumps([{k: v for k, v in r.items() if k != "test_correct"} for r in reports]))
+    model = "steps-no-correct"
+    ctx = dataclasses.replace(pipeline.ctx, cfg=load_config(None, tiny_overrides(**{"registry.model_name": model})))
+    before = len(all_runs(client, ctx))
+    with pytest.raises(ValueError, match=f"candidate '{NAMES[0]}': its evaluation report has no per-image test"):
+        register(ctx, pipeline.data_dir, pipeline.teacher_dir, [str(student_dir)], [str(stripped)], str(tmp_path / "d"))
+    assert versions_of(client, model) == [] and len(all_runs(client, ctx)) == before

@@ -92,7 +92,12 @@ def _candidates(
         report, tags = reports[info["name"]], info["tags"]
         metrics = dict(report["metrics"])
         out.append(registry.Candidate(info["name"], metrics, info["run_id"], info["model_uri"], dict(tags)))
-        correct = np.asarray(report.get("test_correct", []), dtype=bool)
+        if "test_correct" not in report:  # checked before anything is written
+            raise ValueError(
+                f"candidate {info['name']!r}: its evaluation report has no per-image test results (test_correct); "
+                "run its evaluate step again"
+            )
+        correct = np.asarray(report["test_correct"], dtype=bool)
         init = tags.get(evidence.INIT_TAG, "pruned")
         student, kind = tags[evidence.STUDENT_TAG], tags[evidence.LOSS_TAG]
         scored.append(evidence.Scored(info["name"], student, kind, metrics, correct, init))
