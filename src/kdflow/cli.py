@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from pathlib import Path
@@ -74,6 +75,12 @@ def run(
         console.print(f"Open the runs: [bold]mlflow ui --backend-store-uri {uri}[/bold]")
 
 
+def table_width(table: Table) -> int:
+    """The width `table` needs with no cell cut (measured on a wide scratch console)."""
+    scratch = Console(width=1000, file=io.StringIO())
+    return scratch.measure(table).maximum
+
+
 def _macs(n: float) -> str:
     """Multiply-accumulates per image, short: 1.49M, 223k."""
     return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
@@ -123,7 +130,14 @@ def _print_summary(summary: dict) -> None:
             f"{int(c['params']):,}", _macs(c["macs"]), f"{c['latency_ms_b1']:.3f}",
             f"{c['teacher_agreement']:.2%}", f"v{c['version']}", mark,
         )  # fmt: skip
-    console.print(table)
+    # a terminal shows what fits its width; a log or a pipe gets the whole table, however many evidence columns
+    width = console.width
+    if not console.is_terminal:
+        console.width = max(width, table_width(table))
+    try:
+        console.print(table)
+    finally:
+        console.width = width
     if gains:
         console.print(
             "vs ce: test top-1 points over the same student trained with plain cross-entropy in this run, "
