@@ -426,3 +426,10 @@ def test_the_few_shot_config_is_the_regime_where_the_teacher_matters():
         "pruned60_scratch-ce",
     ]
     assert cfg.candidate("cnn8-mse_src").loss.transfer == "both" and cfg.registry.gate == "significance"
+
+
+def test_the_few_shot_validation_cap_is_positive_train_or_null():
+    assert load_config(None, {}).data.target_val_samples_per_class == "train"
+    assert load_config(None, {"data.target_val_samples_per_class": None}).data.target_val_samples_per_class is None
+    with pytest.raises(ConfigError, match=r"data.target_val_samples_per_class: .*must be 1 or more.*got 0"):
+        load_config(None, {"data.target_val_samples_per_class": 0})

@@ -79,6 +79,13 @@ class DataConfig(_Section):
         """Data read from s3:// URIs, whose objects can change while the config (KFP's cache key) stays the same."""
         return any(str(uri or "").startswith("s3://") for uri in (self.source, self.target))
 
+    @field_validator("target_val_samples_per_class")
+    @classmethod
+    def _val_cap(cls, cap: int | str | None) -> int | str | None:
+        if isinstance(cap, int) and cap < 1:
+            raise ValueError(f"must be 1 or more, 'train' or null, got {cap}")
+        return cap
+
     @field_validator("source_classes", "target_classes")
     @classmethod
     def _classes_distinct(cls, classes: list[int] | None) -> list[int] | None:
