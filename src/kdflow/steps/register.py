@@ -3,6 +3,7 @@ the champion only if it beats the current one on the same test data."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import asdict
@@ -30,7 +31,9 @@ def register(
     candidates, scored = _candidates(student_dirs, report_paths)
     teacher_info = read_info(teacher_dir)
     test = data.load_imageset(data_dir, "target", "test")
-    rescore = rescorer(cfg, manifest, test)
+    # a registered model's test logits, computed at most once (the gate may need its score and its predictions)
+    logits_of = functools.cache(functools.partial(_logits, cfg, manifest, test))
+    rescore = rescorer(cfg, test, logits_of)
     ev = evidence.gather(scored, teacher_info["metrics"]["val_top1"])
     for c in candidates:  # the gain over the same student's ce, on the candidate's run and its version's tags
         c.metrics.update(ev.metrics(c.name))
@@ -53,7 +56,7 @@ def register(
             rescore,
             teacher_uri=teacher_info["model_uri"],
             val_images=val_images,
-            paired=pairing(cfg, manifest, test, {s.name: s.correct for s in scored}),
+            paired=pairing(test, logits_of, {s.name: s.correct for s in scored}),
         )
         summary = {
             "decision": asdict(decision),
@@ -105,13 +108,12 @@ def _candidates(
 
 
 def pairing(
-    cfg: Config, manifest: dict, test: ImageSet, correct: dict[str, np.ndarray]
+    test: ImageSet, logits_of: Callable[[str], torch.Tensor], correct: dict[str, np.ndarray]
 ) -> Callable[[str, str], Gain]:
     """For the significance gate: a candidate's paired gain over a registered model on this run's test images."""
 
     def paired(name: str, model_uri: str) -> Gain:
-        logits = _logits(cfg, manifest, test, model_uri)
-        return paired_gain(correct[name], (logits.argmax(1) == test.y).numpy())
+        return paired_gain(correct[name], (logits_of(model_uri).argmax(1) == test.y).numpy())
 
     return paired
 
@@ -136,12 +138,13 @@ def _logits(cfg: Config, manifest: dict, test: ImageSet, model_uri: str) -> torc
     return logits
 
 
-def rescorer(cfg: Config, manifest: dict, test: ImageSet) -> Callable[[str], float]:
+def rescorer(cfg: Config, test: ImageSet, logits_of: Callable[[str], torch.Tensor]) -> Callable[[str], float]:
     """The champion metric of a registered model (`models:/...`) on this run's test split: how the current
     champion is scored when its stored score was measured on other test data."""
 
+    k = 5 if cfg.registry.champion_metric == "test_top5" else 1
+
     def rescore(model_uri: str) -> float:
-        logits = _logits(cfg, manifest, test, model_uri)
-        return evaluate.topk_accuracy(logits, test.y, 5 if cfg.registry.champion_metric == "test_top5" else 1)
+        return evaluate.topk_accuracy(logits_of(model_uri), test.y, k)
 
     return rescore

@@ -63,6 +63,8 @@ def _train_teacher(
     """The teacher step's work inside `scope`, the MLflow run it logs into (none on ranks other than 0)."""
     cfg, tcfg = ctx.cfg, ctx.cfg.teacher
     manifest = data.read_manifest(data_dir)
+    norm = data.Normalizer.from_manifest(manifest)
+    src, tgt = splits(data_dir, "source"), splits(data_dir, "target")  # read once for training and evaluation
     net = build_teacher(cfg, manifest)
     with scope as run:
         if ddp.is_main():
@@ -74,10 +76,10 @@ def _train_teacher(
                     **{f"finetune.{k}": v for k, v in tcfg.finetune.model_dump().items()},
                 }
             )
-        pre, fine, source_test = _fit_phases(cfg, net, manifest, data_dir, device)
+        pre, fine, source_test = _fit_phases(cfg, net, manifest, norm, src, tgt, device)
         if not ddp.is_main():  # every rank holds the same weights; rank 0 evaluates, logs and writes them
             return {}
-        return _finish(ctx, net, manifest, data_dir, out_dir, run.info.run_id, pre, fine, source_test)
+        return _finish(ctx, net, manifest, norm, tgt, data_dir, out_dir, run.info.run_id, pre, fine, source_test)
 
 
 def build_teacher(cfg: Config, manifest: dict) -> nn.Module:
@@ -96,12 +98,10 @@ def build_teacher(cfg: Config, manifest: dict) -> nn.Module:
 
 
 def _fit_phases(
-    cfg: Config, net: nn.Module, manifest: dict, data_dir: str, device: torch.device
+    cfg: Config, net: nn.Module, manifest: dict, norm: data.Normalizer, src: dict, tgt: dict, device: torch.device
 ) -> tuple[FitResult, FitResult, float | None]:
     """Pretraining on the source task, its test accuracy (rank 0), the new head, fine-tuning on the target."""
     tcfg = cfg.teacher
-    norm = data.Normalizer.from_manifest(manifest)
-    src, tgt = splits(data_dir, "source"), splits(data_dir, "target")
     with timing.compute():
         log = tracking.epoch_logger("teacher pretrain", tcfg.pretrain.epochs, "pretrain_")
         pre = fit(net, src["train"], src["val"], tcfg.pretrain, norm, seed=cfg.seed, device=device, on_epoch=log)
@@ -112,11 +112,11 @@ def _fit_phases(
     return pre, fine, source_test
 
 
-def _finish(ctx, net, manifest, data_dir, out_dir, run_id, pre: FitResult, fine: FitResult, source_test) -> dict:
+def _finish(
+    ctx, net, manifest, norm, tgt: dict, data_dir, out_dir, run_id, pre: FitResult, fine: FitResult, source_test
+) -> dict:
     """Rank 0: checkpoint, metrics, the servable model, the teacher outputs and `info.json`."""
     cfg, tcfg = ctx.cfg, ctx.cfg.teacher
-    norm = data.Normalizer.from_manifest(manifest)
-    tgt = splits(data_dir, "target")
     in_ch = manifest["tasks"]["source"]["shape"][0]
     spec = checkpoint.make_spec(tcfg.arch, in_ch, manifest["tasks"]["target"]["num_classes"], tcfg.arch_kwargs)
     checkpoint.save(net, spec, out_dir)
