@@ -296,6 +296,45 @@ def test_a_failure_in_training_marks_the_candidates_and_the_parent_failed(pipeli
     assert not any((out / n).exists() for n in NAMES)  # no checkpoint of an untrained candidate
 
 
+SEARCH = {"distill.search": {"variants": 4, "rung_epochs": 1}, "distill.train": {"epochs": 3}}
+
+
+def test_a_search_candidate_trains_its_variants_by_halving_and_keeps_the_chosen_one(pipeline, tmp_path):
+    """4 variants over 3 epochs, halved after epochs 1 and 2 within each data stream: each variant's curve is in
+    the candidate's run (the halted ones' too: their logger is flushed when they stop), the chosen settings
+    are its lineage, and its checkpoint scores the chosen variant's best validation accuracy."""
+    client = pipeline.client()
+    ctx = pipeline.context("steps-search", **SEARCH)
+    out = tmp_path / "students"
+    result = distill(ctx, ["pruned60-auto"], pipeline.data_dir, pipeline.teacher_dir, pipeline.pruned_dir, str(out))
+    info = read_info(out / "pruned60-auto")
+    rows = info["search"]
+    assert [r["variant"] for r in rows] == ["auto00", "auto01", "auto02", "auto03"] and rows[0]["kind"] == "ce"
+    (chosen,) = [r for r in rows if r["chosen"]]
+    assert chosen["halted_at"] is None and chosen["epochs"] == 3
+    finalists = [r for r in rows if r["halted_at"] is None]
+    assert 1 <= len(finalists) <= 2  # one per data stream (target only; with source images)
+    assert chosen["best_val_acc"] == max(r["best_val_acc"] for r in finalists)
+    assert all(r["epochs"] == r["halted_at"] for r in rows if r["halted_at"] is not None)
+    assert {r["halted_at"] for r in rows} <= {1, 2, None}
+    assert result["pruned60-auto"]["best_val_top1"] == chosen["best_val_acc"]
+    tags = info["tags"]
+    assert tags["kdflow.search"] == "auto" and tags["kdflow.loss"] == chosen["kind"]
+    assert tags["kdflow.search_choice"] == chosen["variant"]
+    run = runs_under(client, ctx)["pruned60-auto"]
+    assert run.info.status == "FINISHED" and run.data.tags["kdflow.loss"] == chosen["kind"]
+    assert run.data.params["search.variants"] == "4" and "loss.kind" not in run.data.params
+    assert run.data.params["search.chosen.kind"] == chosen["kind"]
+    for r in rows:
+        history = client.get_metric_history(run.info.run_id, f"search.{r['variant']}.val_acc")
+        assert sorted(m.step for m in history) == list(range(1, r["epochs"] + 1)), r["variant"]
+    assert "search.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    model, _ = checkpoint.load(out / "pruned60-auto")
+    val = data.load_imageset(pipeline.data_dir, "target", "val")
+    norm = data.Normalizer.from_manifest(pipeline.manifest)
+    assert evaluate.accuracy(evaluate.predict(model, val.x, norm), val.y) == chosen["best_val_acc"]
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 
 

@@ -139,6 +139,11 @@ class TrainConfig(_Section):
     # early stopping: end when validation has not improved for this many epochs (`epochs` is then a maximum);
     # None trains every epoch. The best-validation weights are kept either way.
     patience: int | None = Field(None, ge=1, le=10_000)
+    # what one epoch is a pass over when a transfer set includes source images: "transfer", the larger of the
+    # target and source training splits (the target split reshuffled as often as that takes), so training length
+    # follows the data that carries the teacher's signal; "target", the labelled target split only (with few
+    # target images that is a handful of optimizer steps an epoch, and most source images are never seen)
+    epoch_over: Literal["transfer", "target"] = "transfer"
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainConfig:
@@ -154,12 +159,8 @@ class TeacherConfig(_Section):
     arch_kwargs: dict[str, Any] = Field(default_factory=lambda: {"width": 32})
     pretrained: str | None = None
     # to convergence: `epochs` is a maximum, early stopping after `patience` epochs without a better validation
-    pretrain: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=20, lr=0.05, warmup_epochs=1, patience=5)
-    )
-    finetune: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=20, lr=0.02, warmup_epochs=1, patience=5)
-    )
+    pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, lr=0.05, warmup_epochs=1, patience=5))
+    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, lr=0.02, warmup_epochs=1, patience=5))
 
 
 class PruneConfig(_Section):
@@ -239,11 +240,85 @@ class LossConfig(_Section):
         return self
 
 
+class SearchConfig(_Section):
+    """Adaptive distillation (`kdflow.search`): per student, `variants` loss settings drawn by Optuna from this
+    space (plus plain CE, α = 0, always), trained side by side on one data stream and halved on validation at
+    every rung (after `rung_epochs`, then `reduction` times as many each time): the survivor trains on to the
+    end and is the student's candidate `<student>-<name>`."""
+
+    name: str = Field("auto", pattern=r"^[A-Za-z0-9_.]+$")
+    variants: int = Field(8, ge=2, le=64)  # sampled settings, the plain-CE one included
+    rung_epochs: int = Field(3, ge=1, le=1000)
+    reduction: int = Field(2, ge=2, le=8)  # each rung keeps the best 1/reduction of the variants still training
+    kinds: list[Literal[OBJECTIVE_KINDS]] = Field(default_factory=lambda: ["kd", "logit_mse", "dkd", "dist"])
+    # the transfer sets to try; "source" and "both" need the source task's images (a kind needing labelled
+    # transfer images always uses "target")
+    transfer: list[Literal["target", "source", "both"]] = Field(default_factory=lambda: ["target", "both"])
+    temperature: tuple[float, float] = (1.0, 8.0)  # [low, high], sampled log-uniformly like lam and beta
+    alpha: tuple[float, float] = (0.1, 1.0)  # uniform; α = 0 is the plain-CE variant every search has
+    lam: tuple[float, float] = (0.01, 10.0)
+    beta: tuple[float, float] = (0.5, 8.0)
+    sampler: Literal["tpe", "random"] = "tpe"
+
+    @field_validator("kinds")
+    @classmethod
+    def _distilling(cls, kinds: list[str]) -> list[str]:
+        logit = [k for k in OBJECTIVE_KINDS if k not in ("ce", "hint")]
+        if not kinds or any(k not in logit for k in kinds):
+            raise ValueError(
+                f"search kinds must be logit objectives ({', '.join(logit)}); got {kinds} (plain CE is always in "
+                "the space)"
+            )
+        return _distinct(kinds, "search kinds")
+
+    @field_validator("transfer")
+    @classmethod
+    def _transfers(cls, transfer: list[str]) -> list[str]:
+        if not transfer:
+            raise ValueError("search transfer must list at least one of target, source, both")
+        return _distinct(transfer, "search transfer sets")
+
+    @field_validator("temperature", "alpha", "lam", "beta")
+    @classmethod
+    def _range(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        low, high = bounds
+        if not 0 < low <= high:
+            raise ValueError(f"a search range is [low, high] with 0 < low <= high, got {list(bounds)}")
+        return bounds
+
+    @model_validator(mode="after")
+    def _alpha_at_most_one(self) -> SearchConfig:
+        if self.alpha[1] > 1.0:
+            raise ValueError(f"search alpha range must lie in (0, 1], got {list(self.alpha)}")
+        points = self.distinct_points()
+        if points is not None and points < self.variants:
+            raise ValueError(
+                f"the search space holds only {points} distinct settings (plain CE included), fewer than "
+                f"variants={self.variants}: widen a range or lower distill.search.variants"
+            )
+        return self
+
+    def distinct_points(self) -> int | None:
+        """How many distinct settings the space holds when every range a kind reads is a single value (None: a
+        range of real values, so as many as wanted). Mirrors `kdflow.search` draws."""
+        ranges = {"kd": ("temperature", "alpha"), "logit_mse": ("lam",), "dkd": ("temperature", "alpha", "beta"),
+                  "dist": ("temperature", "beta")}  # fmt: skip
+        if any(getattr(self, r)[0] != getattr(self, r)[1] for k in self.kinds for r in ranges[k]):
+            return None
+        total = 1  # plain CE
+        for k in self.kinds:
+            transfers = 1 if k in LABELLED_TRANSFER_KINDS else len(self.transfer)
+            total += transfers * (2 if k in STANDARDIZABLE_KINDS else 1)
+        return total
+
+
 class Candidate(_Section):
-    """One cell of the candidate grid: a student trained with one loss, named `<student>-<loss>`."""
+    """One cell of the candidate grid: a student trained with one loss, named `<student>-<loss>`. A search
+    candidate (`search` set) chooses its loss in its distill step; its `loss` holds only its name until then."""
 
     student: StudentConfig
     loss: LossConfig
+    search: SearchConfig | None = None
 
     @property
     def name(self) -> str:
@@ -277,6 +352,9 @@ class DistillConfig(_Section):
     # the baseline that shows what the teacher's knowledge is worth, since a pruned student's own `ce` candidate
     # starts from the pruned teacher's weights
     scratch_baselines: bool = False
+    # adaptive distillation: one more candidate per student, `<student>-<search.name>`, whose loss settings a
+    # successive-halving search on validation chooses (`kdflow.search`); None = no search
+    search: SearchConfig | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> DistillConfig:
@@ -287,6 +365,8 @@ class DistillConfig(_Section):
                 raise ValueError(f"distill.{what} names must be unique, repeated: {dup}")
         if not self.students or not self.losses:
             raise ValueError("distill.students and distill.losses must each list at least one entry")
+        if self.search is not None and self.search.name in {l.name for l in self.losses}:
+            raise ValueError(f"distill.search.name {self.search.name!r} is also the name of a loss")
         return self
 
 
@@ -445,6 +525,9 @@ class Config(_Section):
                 if s.from_pruned is not None and not s.reinit:
                     twin = s.model_copy(update={"name": f"{s.name}_scratch", "reinit": True})
                     grid.append(Candidate(student=twin, loss=ce))
+        if (search := self.distill.search) is not None:
+            placeholder = LossConfig(name=search.name, kind="ce")
+            grid += [Candidate(student=s, loss=placeholder, search=search) for s in self.distill.students]
         return grid
 
     def candidate(self, name: str) -> Candidate:

@@ -18,6 +18,7 @@ from kdflow.stats import Gain, paired_gain
 STUDENT_TAG = "kdflow.student"
 LOSS_TAG = "kdflow.loss"
 INIT_TAG = "kdflow.init"
+SEARCH_TAG = "kdflow.search"  # set on a search candidate (`distill.search`): never a baseline, even if it chose ce
 BASELINE_KIND = "ce"
 GAIN_PREFIX = "gain_vs_ce_"
 SCRATCH_PREFIX = "gain_vs_scratch_"
@@ -34,6 +35,12 @@ class Scored:
     metrics: dict[str, float]
     correct: np.ndarray  # (N,) bool: right on each test image, in the test split's order
     init: str = "pruned"  # where the student's weights started: pruned | scratch | random
+    searched: bool = False  # a search candidate: its kind is what the search chose
+
+    @property
+    def baseline(self) -> bool:
+        """The student's plain-CE candidate of the grid (a search that chose CE is compared with it, not one)."""
+        return self.kind == BASELINE_KIND and not self.searched
 
 
 @dataclass
@@ -79,17 +86,17 @@ def gather(candidates: list[Scored], teacher_val_top1: float) -> Evidence:
     """Pair every distilled candidate with its student's `ce` candidate (and a pruned student's candidates with
     its from-scratch twin's `ce`, when the run has one) and judge the teacher."""
     ev = Evidence()
-    baselines = {c.student: c for c in candidates if c.kind == BASELINE_KIND}
+    baselines = {c.student: c for c in candidates if c.baseline}
     for c in candidates:
         base = baselines.get(c.student)
-        if c.kind == BASELINE_KIND or base is None:
+        if c.baseline or base is None:
             continue
         ev.baseline[c.name] = base.name
         ev.gains[c.name] = paired_gain(c.correct, base.correct)
     scratch = {c.student.removesuffix(SCRATCH_SUFFIX): c for c in candidates if c.init == "scratch"}
     for c in candidates:  # the pruned student's candidates (its ce included) against its architecture from scratch
         twin = scratch.get(c.student)
-        if c.init == "pruned" and twin is not None and twin.kind == BASELINE_KIND:
+        if c.init == "pruned" and twin is not None and twin.baseline:
             ev.scratch[c.name] = twin.name
             ev.scratch_gains[c.name] = paired_gain(c.correct, twin.correct)
     if baselines:

@@ -354,7 +354,8 @@ def candidate_groups(cfg: Config) -> list[str]:
     whose transfer sets use source images grouped apart (one data stream per step). With random augmentation
     objectives that need features are grouped apart too: they need the teacher's features on every batch,
     while the others look its logits up in the teacher step's crop table (`kdflow.engine.teacher_outputs`),
-    which one hint candidate in their step would make them give up."""
+    which one hint candidate in their step would make them give up. A search candidate (`distill.search`) is a
+    step of its own: it trains all its variants there."""
     k = cfg.distill.candidates_per_step
     augmenting = cfg.distill.train.augment != "none"
 
@@ -363,7 +364,9 @@ def candidate_groups(cfg: Config) -> list[str]:
         return obj.uses_source_data, augmenting and obj.needs_features
 
     groups: list[list[str]] = []
+    fixed = [c for c in cfg.candidates() if c.search is None]
     for key in ((False, False), (False, True), (True, False), (True, True)):
-        names = [c.name for c in cfg.candidates() if stream(c) == key]
+        names = [c.name for c in fixed if stream(c) == key]
         groups += [names[i : i + k] for i in range(0, len(names), k)]
+    groups += [[c.name] for c in cfg.candidates() if c.search is not None]  # a search is a group of its own
     return [",".join(g) for g in groups]

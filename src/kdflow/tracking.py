@@ -197,41 +197,60 @@ def open_child_run(experiment_id: str, parent_id: str, name: str, step: str, tag
     return run.info.run_id
 
 
-def epoch_logger(label: str, epochs: int, prefix: str = "", run_id: str | None = None, flush_every_s: float = 10.0):
+class epoch_logger:  # noqa: N801 - called like the function it was
     """An `on_epoch` callback for `kdflow.engine.loop.fit`: prints one progress line (the local runner shows lines
     starting with PROGRESS_PREFIX) and logs each epoch's metrics to MLflow (the active run, or `run_id`).
-    Metrics are sent in batches, at least every `flush_every_s` seconds and after the last epoch: one store
-    round trip per epoch costs more than a small model's epoch."""
-    import time
+    Metrics are sent in batches, at least every `flush_every_s` seconds, after the last epoch and on `close()`
+    (the engine calls it when the student's training ends, early stopping included): one store round trip per
+    epoch costs more than a small model's epoch."""
 
-    pending: list = []
-    last_flush = [time.monotonic()]
+    def __init__(
+        self, label: str, epochs: int, prefix: str = "", run_id: str | None = None, flush_every_s: float = 10.0
+    ):
+        import time
 
-    def flush() -> None:
+        self.label, self.epochs, self.prefix, self.run_id, self.flush_every_s = (
+            label,
+            epochs,
+            prefix,
+            run_id,
+            flush_every_s,
+        )
+        self.pending: list = []
+        self.last_flush = time.monotonic()
+
+    def flush(self) -> None:
+        import time
+
         import mlflow
 
-        target = run_id or mlflow.active_run().info.run_id
-        for chunk in _chunks(pending, 1000):
-            mlflow.MlflowClient().log_batch(target, metrics=chunk)
-        pending.clear()
-        last_flush[0] = time.monotonic()
+        if self.pending:
+            target = self.run_id or mlflow.active_run().info.run_id
+            for chunk in _chunks(self.pending, 1000):
+                mlflow.MlflowClient().log_batch(target, metrics=chunk)
+        self.pending.clear()
+        self.last_flush = time.monotonic()
 
-    def log(epoch: int, metrics: dict[str, float]) -> None:
+    close = flush
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        import time
+
         import mlflow
 
         now = int(time.time() * 1000)
-        pending.extend(mlflow.entities.Metric(f"{prefix}{k}", float(v), now, epoch) for k, v in metrics.items())
-        if epoch >= epochs or time.monotonic() - last_flush[0] >= flush_every_s:
-            flush()
-        if epoch % max(1, epochs // 5) and epoch != epochs:
+        self.pending.extend(
+            mlflow.entities.Metric(f"{self.prefix}{k}", float(v), now, epoch) for k, v in metrics.items()
+        )
+        if epoch >= self.epochs or time.monotonic() - self.last_flush >= self.flush_every_s:
+            self.flush()
+        if epoch % max(1, self.epochs // 5) and epoch != self.epochs:
             return
         print(
-            f"{PROGRESS_PREFIX} {label} epoch {epoch}/{epochs} loss {metrics.get('train_loss', float('nan')):.4f} "
-            f"val_acc {metrics['val_acc']:.4f}",
+            f"{PROGRESS_PREFIX} {self.label} epoch {epoch}/{self.epochs} "
+            f"loss {metrics.get('train_loss', float('nan')):.4f} val_acc {metrics['val_acc']:.4f}",
             flush=True,
         )
-
-    return log
 
 
 def log_dict(data: dict, artifact_file: str) -> None:

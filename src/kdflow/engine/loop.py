@@ -50,6 +50,8 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     epochs: int = 0  # epochs trained: `cfg.epochs`, or fewer when early stopping ended the run
     stopped_early: bool = False
+    best_val_loss: float = float("inf")  # the validation loss of the best epoch (the tie-break)
+    halted: bool = False  # stopped by `fit_many`'s `halt` hook (a search's rung), not by its own patience
 
     @property
     def still_improving(self) -> bool:
@@ -125,7 +127,7 @@ class Job:
         self.net = torch.compile(self.net) if cfg.compile else self.net
         self.scaler = autocast(device)[1]
         self.rng = RngSlot(device)
-        self.result = FitResult(best_epoch=0, best_val_acc=init_acc)
+        self.result = FitResult(best_epoch=0, best_val_acc=init_acc, best_val_loss=init_loss)
         self.best_key = (init_acc, -init_loss)
         self.best_state = copy.deepcopy(model.state_dict())
         self.sums: dict[str, torch.Tensor] = {}
@@ -181,6 +183,7 @@ class Job:
         self.since_best += 1
         if key > self.best_key:
             self.best_key, self.result.best_epoch, self.result.best_val_acc = key, epoch, metrics["val_acc"]
+            self.result.best_val_loss = metrics["val_loss"]
             self.best_state = copy.deepcopy(model.state_dict())
             self.since_best = 0
         self.result.epochs = epoch
@@ -193,6 +196,8 @@ class Job:
         """Leave the model holding its best-validation weights, in the plain layout."""
         if self.tap:
             self.tap.close()
+        if hasattr(self.spec.on_epoch, "close") and ddp.is_main():  # a logger's last buffered epochs
+            self.spec.on_epoch.close()
         self.spec.model.load_state_dict(self.best_state)
         if channels_last:
             self.spec.model.to(memory_format=torch.contiguous_format)
@@ -253,6 +258,7 @@ def fit_many(
     teacher: nn.Module | None = None,
     source: ImageSet | None = None,
     teacher_outputs: TeacherOutputs | None = None,
+    halt: Callable[[int, dict[int, tuple[float, float]]], set[int]] | None = None,
 ) -> list[FitResult]:
     """Train several students over one data stream, sharing each batch's teacher pass; every student ends
     holding its best-validation weights. Each student gets exactly the batches, augmentation, initial RNG state
@@ -270,6 +276,10 @@ def fit_many(
     on CPU each rank normalises its share and rank 0's running statistics are kept). Rank 0 validates and its
     numbers reach every rank, so all ranks keep the same epoch and end with identical weights; only rank 0 calls
     `on_epoch`. The teacher is never wrapped: it is frozen and each rank runs it forward on its own share.
+
+    `halt(epoch, standing)`, when given, is called after each epoch with every student still training (its
+    index → its best (val accuracy, −val loss) so far) and returns the indices to stop there (`FitResult.halted`):
+    a search's successive halving (`kdflow.search.Halving`). Its inputs are rank 0's, so every rank agrees.
     """
     objs = [objectives.build(s.loss) for s in students]
     use_source = _check(students, objs, teacher, source, teacher_outputs)
@@ -301,6 +311,10 @@ def fit_many(
                     job.step(batch, t, amp)
         for job in active:
             job.end_epoch(epoch, run)
+        if halt is not None:
+            standing = {i: job.best_key for i, job in enumerate(jobs) if not job.done}
+            for i in halt(epoch, standing):
+                jobs[i].done = jobs[i].result.halted = True
     for tap in run.taps.values():
         tap.close()
     return [job.finish(run.channels_last) for job in jobs]
@@ -354,5 +368,5 @@ def _setup(objs, students, train, val, cfg, normalizer, seed, device, teacher, s
             teacher.to(memory_format=torch.channels_last)  # on every device: see `nhwc`
     layers = sorted({s.hint_layers[1] for s, obj in zip(students, objs) if obj.needs_features})
     taps = {layer: FeatureTap(teacher, layer) for layer in layers}
-    stream = Stream(train, source, normalizer, cfg.batch_size, cfg.augment, channels_last)
+    stream = Stream(train, source, normalizer, cfg.batch_size, cfg.augment, channels_last, cfg.epoch_over)
     return _Run(device, world, channels_last, normalizer, stream, val, teacher, taps)

@@ -52,23 +52,32 @@ class Stream:
     batch_size: int
     augment: str
     channels_last: bool  # the students' memory format (see `nhwc`)
+    epoch_over: str = "transfer"  # `TrainConfig.epoch_over`: with source images, an epoch covers the larger split
 
     def __post_init__(self) -> None:
-        self.bounds = batch_bounds(len(self.train), self.batch_size)
+        self.size = len(self.train)  # samples per epoch
+        if self.source is not None and self.epoch_over == "transfer":
+            self.size = max(self.size, len(self.source))
+        self.bounds = batch_bounds(self.size, self.batch_size)
 
     def __len__(self) -> int:
         """Optimizer steps per epoch."""
         return len(self.bounds)
 
     def epoch(self, gen: torch.Generator) -> Iterator[Batch]:
-        """One epoch's batches: a shuffle of the target split (and of the source split), then per batch the
-        augmentation draws, in this order, from `gen`."""
+        """One epoch's batches: a shuffle of the target split (and of the source split; when the source split is
+        the larger and the epoch covers it, further shuffles of the target split follow back to back), then per
+        batch the augmentation draws, in this order, from `gen`."""
         device = self.train.x.device
         rank, world = ddp.rank(), ddp.world_size()
-        order = torch.randperm(len(self.train), generator=gen, device=device)
+        n = len(self.train)
+        order = torch.randperm(n, generator=gen, device=device)
         src_order = None
         if self.source is not None:
             src_order = torch.randperm(len(self.source), generator=gen, device=device)
+        if self.size > n:  # each target image once per pass over it, as many passes as the epoch spans
+            more = [torch.randperm(n, generator=gen, device=device) for _ in range(-(-self.size // n) - 1)]
+            order = torch.cat([order, *more])[: self.size]
         if world > 1:  # identical already (same seed); broadcast so no device difference can split the ranks
             ddp.broadcast_(order)
             if src_order is not None:

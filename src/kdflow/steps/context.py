@@ -33,9 +33,7 @@ class StepContext:
     pipeline_run_id: str
 
     @classmethod
-    def open(
-        cls, *, config_json: str, tracking_uri: str, pipeline_run_id: str, pipeline_run_name: str
-    ) -> StepContext:
+    def open(cls, *, config_json: str, tracking_uri: str, pipeline_run_id: str, pipeline_run_name: str) -> StepContext:
         """From the pipeline-run strings every component passes on: the config, the MLflow store, the KFP run."""
         cfg = config_from_json(config_json)
         uri = tracking.resolve_tracking_uri(tracking_uri or None)

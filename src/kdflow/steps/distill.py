@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdflow import data, objectives, tracking
+from kdflow import data, objectives, search, tracking
 from kdflow.config import Candidate
 from kdflow.data import ImageSet
 from kdflow.engine.device import resolve_device, seed_everything
@@ -25,6 +26,7 @@ class _Trainee:
     spec: dict
     lineage: dict[str, str]
     run_id: str
+    search: list[dict] | None = None  # a search candidate's variants (`kdflow.search.record`), once trained
 
 
 def distill(
@@ -95,11 +97,15 @@ def _open(
         "kdflow.trained_with": ",".join(group),
         tracking.PIPELINE_RUN_TAG: ctx.pipeline_run_id,
     }
+    if c.search is not None:  # its loss is the search's to choose: `_search` sets these tags to the choice
+        lineage.update({"kdflow.search": c.search.name, "kdflow.loss": search.SEARCHING})
     run_id = tracking.open_child_run(ctx.experiment_id, ctx.parent_id, c.name, "distill", lineage)
+    chosen_by = c.search.model_dump() if c.search is not None else None  # a search logs its space, not a loss
     tracking.log_params(  # into the run, which stays RUNNING until its model is logged
         {
             **{f"student.{k}": v for k, v in s.model_dump().items()},
-            **{f"loss.{k}": v for k, v in loss.model_dump().items()},
+            **{f"loss.{k}": v for k, v in loss.model_dump().items() if chosen_by is None},
+            **{f"search.{k}": v for k, v in (chosen_by or {}).items()},
             **{f"train.{k}": v for k, v in ctx.cfg.distill.train.model_dump().items()},
         },
         run_id=run_id,
@@ -119,31 +125,70 @@ def _train(
     cached: TeacherOutputs | None,
 ) -> dict[str, FitResult]:
     """`fit_many` once per kind of data stream: candidates whose transfer sets use source images apart."""
-    objs = {c.name: objectives.build(c.loss) for c in cands}
+    fixed = [c for c in cands if c.search is None]
+    objs = {c.name: objectives.build(c.loss) for c in fixed}
     tgt = splits(data_dir, "target")
     source: ImageSet | None = None
-    if any(o.uses_source_data for o in objs.values()):
+    if any(o.uses_source_data for o in objs.values()) or any(c.search for c in cands):
         source = data.load_imageset(data_dir, "source", "train")
-    results = {}
-    for stream in (False, True):
-        group = [c.name for c in cands if objs[c.name].uses_source_data == stream]
-        if not group:
-            continue
+
+    def train(students: list[Student], use_source: bool, **kw) -> list[FitResult]:
         with timing.compute():
-            fitted = fit_many(
-                [trainees[n].student for n in group],
+            return fit_many(
+                students,
                 tgt["train"],
                 tgt["val"],
                 ctx.cfg.distill.train,
                 data.Normalizer.from_manifest(manifest),
                 seed=ctx.cfg.seed,
                 device=resolve_device(ctx.cfg.device),
-                teacher=teacher if any(objs[n].needs_teacher for n in group) else None,
-                source=source if stream else None,
+                teacher=teacher if any(objectives.build(s.loss).needs_teacher for s in students) else None,
+                source=source if use_source else None,
                 teacher_outputs=cached,
+                **kw,
             )
-        results.update(zip(group, fitted))
+
+    results = {}
+    for stream in (False, True):
+        group = [c.name for c in fixed if objs[c.name].uses_source_data == stream]
+        if group:
+            results.update(zip(group, train([trainees[n].student for n in group], stream)))
+    for c in cands:
+        if c.search is not None:
+            results[c.name] = _search(ctx, c, trainees[c.name], train)
     return results
+
+
+def _search(ctx: StepContext, c: Candidate, t: _Trainee, train) -> FitResult:
+    """A search candidate: sample its variants, train them by successive halving (one `fit_many` per data
+    stream), log each variant's curve and settings into the candidate's run, and leave the candidate's model
+    holding the chosen variant's weights; its lineage tags then name the chosen loss."""
+    epochs = ctx.cfg.distill.train.epochs
+    study, variants = search.sample(c.search, ctx.cfg.seed, has_source=True)
+    models, fitted = {}, {}
+    for stream in (False, True):
+        group = [v for v in variants if objectives.build(v.loss).uses_source_data == stream]
+        if not group:
+            continue
+        students = []
+        for v in group:
+            models[v.loss.name] = model = copy.deepcopy(t.student.model)  # every variant from the same weights
+            log = tracking.epoch_logger(f"search {c.name}/{v.loss.name}", epochs, f"search.{v.loss.name}.", t.run_id)
+            students.append(Student(model, v.loss, t.student.hint_layers, log))
+        for v, result in zip(group, train(students, stream, halt=search.Halving(c.search, epochs, group))):
+            v.curve = [h["val_acc"] for h in result.history]
+            v.best_key = (result.best_val_acc, -result.best_val_loss)
+            v.best_val_acc = result.best_val_acc
+            fitted[v.loss.name] = result
+    chosen = search.finish(study, variants)
+    t.student.model.load_state_dict(models[chosen.loss.name].state_dict())
+    t.search = search.record(variants, chosen)
+    t.lineage.update(search.lineage(chosen.loss))
+    with tracking.reopen(t.run_id):
+        tracking.set_tags(search.lineage(chosen.loss))
+        tracking.log_params({f"search.chosen.{k}": v for k, v in chosen.settings().items()})
+        tracking.log_dict({"variants": t.search, "space": c.search.model_dump(mode="json")}, "search.json")
+    return fitted[chosen.loss.name]
 
 
 def _save(t: _Trainee, result: FitResult, name: str, norm: data.Normalizer, data_dir: str, cdir: Path) -> None:
@@ -152,7 +197,13 @@ def _save(t: _Trainee, result: FitResult, name: str, norm: data.Normalizer, data
     with tracking.reopen(t.run_id):
         tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_top1": result.best_val_acc})
         model_uri = log_servable(t.student.model, norm, data_dir)
-    write_info(
-        cdir,
-        {"name": name, "run_id": t.run_id, "model_uri": model_uri, "tags": t.lineage, "best_epoch": result.best_epoch},
-    )
+    info = {
+        "name": name,
+        "run_id": t.run_id,
+        "model_uri": model_uri,
+        "tags": t.lineage,
+        "best_epoch": result.best_epoch,
+    }
+    if t.search is not None:
+        info["search"] = t.search
+    write_info(cdir, info)

@@ -32,7 +32,13 @@ def prune_teacher(ctx: StepContext, data_dir: str, teacher_dir: str, out_dir: st
             net, spec = checkpoint.load(teacher_dir)
             with timing.compute():
                 rep = pruning.prune(
-                    net, norm(x[:8]), ratio, spec["arch"], pcfg.importance, pcfg.global_pruning, pcfg.round_to,
+                    net,
+                    norm(x[:8]),
+                    ratio,
+                    spec["arch"],
+                    pcfg.importance,
+                    pcfg.global_pruning,
+                    pcfg.round_to,
                     calibration,
                 )
                 pruned_val_top1 = accuracy(predict(net, val.x, norm), val.y)

@@ -103,7 +103,8 @@ def _candidates(
         correct = np.asarray(report["test_correct"], dtype=bool)
         init = tags.get(evidence.INIT_TAG, "pruned")
         student, kind = tags[evidence.STUDENT_TAG], tags[evidence.LOSS_TAG]
-        scored.append(evidence.Scored(info["name"], student, kind, metrics, correct, init))
+        searched = evidence.SEARCH_TAG in tags
+        scored.append(evidence.Scored(info["name"], student, kind, metrics, correct, init, searched))
     return out, scored
 
 
