@@ -335,6 +335,51 @@ def test_a_search_candidate_trains_its_variants_by_halving_and_keeps_the_chosen_
     assert evaluate.accuracy(evaluate.predict(model, val.x, norm), val.y) == chosen["best_val_acc"]
 
 
+def test_several_seeds_train_score_and_pair_every_candidate_per_seed(pipeline, distilled, tmp_path):
+    """`distill.seeds: [0, 1]`: the seed-0 models are exactly the one-seed run's (the registered ones), seed 1's sit
+    in `seeds/1/`; evaluation's validation metrics are the two seeds' means, its test metrics seed 0's with the
+    mean and std beside them, and the gain over ce is a two-seed paired interval."""
+    names = {"registry.model_name": "steps-seeds", "registry.teacher_model_name": "steps-seeds-teacher"}
+    ctx = pipeline.context("steps-seeds", **{"distill.seeds": [0, 1]}, **names)
+    out, report_path = tmp_path / "students", tmp_path / "report.json"
+    distill(ctx, NAMES, pipeline.data_dir, pipeline.teacher_dir, pipeline.pruned_dir, str(out))
+    _, one_seed = distilled
+    val = data.load_imageset(pipeline.data_dir, "target", "val")
+    test = data.load_imageset(pipeline.data_dir, "target", "test")
+    norm = data.Normalizer.from_manifest(pipeline.manifest)
+    expected = {}
+    for name in NAMES:
+        assert read_info(out / name)["seeds"] == [0, 1]
+        first, _ = checkpoint.load(out / name)
+        again, _ = checkpoint.load(one_seed / name)
+        assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+        second, _ = checkpoint.load(distill_step.seed_dir(out / name, 1))
+        pair = [evaluate.predict(m, val.x, norm) for m in (first, second)]
+        tests = [evaluate.predict(m, test.x, norm).argmax(1) == test.y for m in (first, second)]
+        expected[name] = ([evaluate.accuracy(p, val.y) for p in pair], tests)
+    reports = evaluate_candidates(ctx, pipeline.data_dir, pipeline.teacher_dir, str(out), str(report_path))
+    for r in reports:
+        vals, tests = expected[r["name"]]
+        m = r["metrics"]
+        assert m["val_top1"] == pytest.approx(np.mean(vals)) and m["seeds"] == 2
+        assert m["val_top1_std"] == pytest.approx(np.std(vals, ddof=1))
+        assert m["test_top1"] == pytest.approx(float(tests[0].float().mean()))
+        accs = [float(t.float().mean()) for t in tests]
+        assert m["test_top1_mean"] == pytest.approx(np.mean(accs)) and m["test_top1_std"] == pytest.approx(
+            np.std(accs, ddof=1)
+        )
+        assert r["seeds"] == [0, 1] and r["test_correct_seeds"] == [t.int().tolist() for t in tests]
+        assert r["test_correct"] == r["test_correct_seeds"][0]
+    summary = register(
+        ctx, pipeline.data_dir, pipeline.teacher_dir, [str(out)], [str(report_path)], str(tmp_path / "d")
+    )
+    gain = summary["evidence"]["gains_vs_ce"]["pruned60-kd"]
+    kd, ce = (np.array([t.numpy() for t in expected[n][1]]) for n in NAMES)
+    assert gain["seeds"] == 2 and gain["n"] == len(test)
+    assert gain["diff"] == pytest.approx(kd.mean() - ce.mean())
+    assert (gain["a_only"], gain["b_only"]) == (int((kd & ~ce).sum()), int((ce & ~kd).sum()))
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 
 

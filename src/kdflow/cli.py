@@ -110,7 +110,10 @@ def _print_summary(summary: dict) -> None:
     gains = ev.get("gains_vs_ce", {})
     table = Table(title=f"{summary['model_name']}: teacher and candidates (top-1 on val and test)")
     evidence_cols = ["vs ce, 95% CI"] + (["vs scratch"] if ev.get("gains_vs_scratch") else [])
+    seeds = max((int(c.get("seeds", 1)) for c in summary["candidates"].values()), default=1)
     cols = ("model", "val", "test", *evidence_cols, "params", "MACs", "ms @b1")
+    if seeds > 1:  # val: the seeds' mean (what selection used); test: mean ± std over seeds
+        cols = ("model", f"val (mean of {seeds})", f"test (mean ± sd of {seeds})", *cols[3:])
     for col in (*cols, "agrees", "ver", "status"):
         # every cell but the status reads whole: names, numbers and intervals are never cut
         table.add_column(col, justify="left" if col in ("model", "status") else "right", no_wrap=col != "status")
@@ -125,8 +128,11 @@ def _print_summary(summary: dict) -> None:
         mark = "champion" if c["version"] == d["champion_version"] else ("selected" if name == d["selected"] else "")
         if name in d["rejected"]:
             mark = f"policy: {d['rejected'][name]}"
+        test = f"{c['test_top1']:.2%}"
+        if "test_top1_std" in c:
+            test = f"{c['test_top1_mean']:.2%} ± {100 * c['test_top1_std']:.1f}"
         table.add_row(
-            name, f"{c['val_top1']:.2%}", f"{c['test_top1']:.2%}", *_evidence_cells(name, ev),
+            name, f"{c['val_top1']:.2%}", test, *_evidence_cells(name, ev),
             f"{int(c['params']):,}", _macs(c["macs"]), f"{c['latency_ms_b1']:.3f}",
             f"{c['teacher_agreement']:.2%}", f"v{c['version']}", mark,
         )  # fmt: skip
@@ -145,6 +151,14 @@ def _print_summary(summary: dict) -> None:
         )
         if not any(g["ci_low"] > 0 and g["p_value"] < 0.05 for g in gains.values()):
             console.print("[yellow]no distilled candidate beat its ce baseline beyond noise in this run[/yellow]")
+        if seeds > 1:
+            console.print(
+                f"over {seeds} training seeds: the intervals cover the seed spread and the test images; the "
+                "registered model is the first seed's, and its own test top-1 is what the champion gate compares"
+            )
+    for name, c in summary["candidates"].items():
+        if c.get("search_choice"):
+            console.print(f"{escape(name)}: the search chose {escape(c['search_choice'])}", soft_wrap=True)
     if ev.get("weak_teacher"):
         console.print(f"[yellow]{escape(ev['weak_teacher_reason'])}[/yellow]", soft_wrap=True)
     if d.get("selection_reason"):

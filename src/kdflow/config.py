@@ -355,6 +355,18 @@ class DistillConfig(_Section):
     # adaptive distillation: one more candidate per student, `<student>-<search.name>`, whose loss settings a
     # successive-halving search on validation chooses (`kdflow.search`); None = no search
     search: SearchConfig | None = None
+    # training seeds: every candidate trains once per seed (batch order, augmentation, a fresh student's
+    # initial weights; the teacher's outputs are shared), the first seed's model is the one registered, the
+    # policy selects on the seeds' mean validation metrics and the evidence's intervals cover the seed spread;
+    # None = the run's `seed` alone. A search chooses its settings on the first seed.
+    seeds: list[int] | None = Field(None, min_length=1, max_length=20)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and any(s < 0 for s in seeds):
+            raise ValueError(f"seeds must be 0 or more, got {seeds}")
+        return _distinct(seeds, "seeds")
 
     @model_validator(mode="after")
     def _unique_names(self) -> DistillConfig:
@@ -509,6 +521,11 @@ class Config(_Section):
                     f"prune.ratios={self.prune.ratios}"
                 )
         return self
+
+    @property
+    def seeds(self) -> list[int]:
+        """The distill step's training seeds: `distill.seeds`, or the run's seed."""
+        return list(self.distill.seeds or [self.seed])
 
     def candidates(self) -> list[Candidate]:
         """The student × loss grid, students first: what the pipeline's distill steps train. With

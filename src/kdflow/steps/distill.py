@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdflow import data, objectives, search, tracking
-from kdflow.config import Candidate
+from kdflow.config import Candidate, LossConfig
 from kdflow.data import ImageSet
 from kdflow.engine.device import resolve_device, seed_everything
 from kdflow.engine.loop import FitResult, Student, fit_many
@@ -27,6 +27,7 @@ class _Trainee:
     lineage: dict[str, str]
     run_id: str
     search: list[dict] | None = None  # a search candidate's variants (`kdflow.search.record`), once trained
+    chosen: LossConfig | None = None  # ... and the loss it chose
 
 
 def distill(
@@ -49,14 +50,24 @@ def distill(
     teacher_info = read_info(teacher_dir)
     write_group(out_dir, names)
     trainees: dict[str, _Trainee] = {}
+    first, *more = cfg.seeds
     try:
         for c in cands:
             trainees[c.name] = _open(ctx, c, manifest, pruned_root, tspec["arch"], teacher_info["run_id"], names)
         cached = load_teacher_outputs(teacher, manifest, teacher_dir)
-        results = _train(ctx, cands, trainees, data_dir, manifest, teacher, cached)
+        results = _train(ctx, cands, trainees, data_dir, manifest, teacher, cached, first)
+        seeded = {}  # seed -> candidate -> (its model, its result): the further seeds, same settings
+        for seed in more:
+            again = [_chosen(c, trainees[c.name]) for c in cands]
+            twins = {c.name: _twin(ctx, c, trainees[c.name], manifest, pruned_root, seed) for c in again}
+            fitted = _train(ctx, again, twins, data_dir, manifest, teacher, cached, seed)
+            seeded[seed] = {n: (twins[n].student.model, fitted[n]) for n in names}
         norm = data.Normalizer.from_manifest(manifest)
         for c in cands:
-            _save(trainees[c.name], results[c.name], c.name, norm, data_dir, Path(out_dir) / c.name)
+            cdir = Path(out_dir) / c.name
+            _save(trainees[c.name], results[c.name], c.name, norm, data_dir, cdir, cfg.seeds)
+            for seed in more:
+                _save_seed(trainees[c.name], *seeded[seed][c.name], seed, cdir)
     except BaseException:
         for t in trainees.values():
             tracking.end_run(t.run_id, "FAILED")
@@ -71,15 +82,7 @@ def _open(
     """The candidate's student network (a pruned teacher or a fresh architecture) and its RUNNING MLflow run,
     with its lineage as tags and its settings as params."""
     s, loss = c.student, c.loss
-    seed_everything(ctx.cfg.seed)
-    if s.from_pruned is not None:
-        model, spec = checkpoint.load(pruned_dir(pruned_root, s.from_pruned))
-        if s.reinit:  # the pruned architecture from random weights: the from-scratch baseline
-            zoo.reinitialize(model)
-    else:
-        t = manifest["tasks"]["target"]
-        model = zoo.build(s.arch, t["shape"][0], t["num_classes"], **s.arch_kwargs)
-        spec = checkpoint.make_spec(s.arch, t["shape"][0], t["num_classes"], s.arch_kwargs)
+    model, spec = _network(c, manifest, pruned_root, ctx.cfg.seeds[0])
     lineage = {
         "kdflow.candidate": c.name,
         "kdflow.student": s.name,
@@ -115,6 +118,36 @@ def _open(
     return _Trainee(student, spec, lineage, run_id)
 
 
+def _network(c: Candidate, manifest: dict, pruned_root: str, seed: int):
+    """The candidate's untrained student and its checkpoint spec: the pruned teacher (or its architecture from
+    weights drawn under `seed`), or a registry architecture initialised under `seed`."""
+    s = c.student
+    seed_everything(seed)
+    if s.from_pruned is not None:
+        model, spec = checkpoint.load(pruned_dir(pruned_root, s.from_pruned))
+        if s.reinit:  # the pruned architecture from random weights: the from-scratch baseline
+            zoo.reinitialize(model)
+        return model, spec
+    t = manifest["tasks"]["target"]
+    model = zoo.build(s.arch, t["shape"][0], t["num_classes"], **s.arch_kwargs)
+    return model, checkpoint.make_spec(s.arch, t["shape"][0], t["num_classes"], s.arch_kwargs)
+
+
+def _chosen(c: Candidate, t: _Trainee) -> Candidate:
+    """What the further seeds train: the candidate itself, or for a search its chosen loss (under its name)."""
+    if c.search is None:
+        return c
+    return Candidate(student=c.student, loss=t.chosen.model_copy(update={"name": c.loss.name}))
+
+
+def _twin(ctx: StepContext, c: Candidate, t: _Trainee, manifest: dict, pruned_root: str, seed: int) -> _Trainee:
+    """The candidate under another training seed: a fresh network, logging into the same run (`seed<k>.`)."""
+    model, _ = _network(c, manifest, pruned_root, seed)
+    epochs = ctx.cfg.distill.train.epochs
+    logger = tracking.epoch_logger(f"distill {c.name} seed {seed}", epochs, f"seed{seed}.", t.run_id)
+    return _Trainee(Student(model, c.loss, t.student.hint_layers, logger), t.spec, t.lineage, t.run_id)
+
+
 def _train(
     ctx: StepContext,
     cands: list[Candidate],
@@ -123,6 +156,7 @@ def _train(
     manifest: dict,
     teacher,
     cached: TeacherOutputs | None,
+    seed: int,
 ) -> dict[str, FitResult]:
     """`fit_many` once per kind of data stream: candidates whose transfer sets use source images apart."""
     fixed = [c for c in cands if c.search is None]
@@ -140,7 +174,7 @@ def _train(
                 tgt["val"],
                 ctx.cfg.distill.train,
                 data.Normalizer.from_manifest(manifest),
-                seed=ctx.cfg.seed,
+                seed=seed,
                 device=resolve_device(ctx.cfg.device),
                 teacher=teacher if any(objectives.build(s.loss).needs_teacher for s in students) else None,
                 source=source if use_source else None,
@@ -155,16 +189,16 @@ def _train(
             results.update(zip(group, train([trainees[n].student for n in group], stream)))
     for c in cands:
         if c.search is not None:
-            results[c.name] = _search(ctx, c, trainees[c.name], train)
+            results[c.name] = _search(ctx, c, trainees[c.name], train, seed)
     return results
 
 
-def _search(ctx: StepContext, c: Candidate, t: _Trainee, train) -> FitResult:
+def _search(ctx: StepContext, c: Candidate, t: _Trainee, train, seed: int) -> FitResult:
     """A search candidate: sample its variants, train them by successive halving (one `fit_many` per data
     stream), log each variant's curve and settings into the candidate's run, and leave the candidate's model
     holding the chosen variant's weights; its lineage tags then name the chosen loss."""
     epochs = ctx.cfg.distill.train.epochs
-    study, variants = search.sample(c.search, ctx.cfg.seed, has_source=True)
+    study, variants = search.sample(c.search, seed, has_source=True)
     models, fitted = {}, {}
     for stream in (False, True):
         group = [v for v in variants if objectives.build(v.loss).uses_source_data == stream]
@@ -182,7 +216,7 @@ def _search(ctx: StepContext, c: Candidate, t: _Trainee, train) -> FitResult:
             fitted[v.loss.name] = result
     chosen = search.finish(study, variants)
     t.student.model.load_state_dict(models[chosen.loss.name].state_dict())
-    t.search = search.record(variants, chosen)
+    t.search, t.chosen = search.record(variants, chosen), chosen.loss
     t.lineage.update(search.lineage(chosen.loss))
     with tracking.reopen(t.run_id):
         tracking.set_tags(search.lineage(chosen.loss))
@@ -191,8 +225,11 @@ def _search(ctx: StepContext, c: Candidate, t: _Trainee, train) -> FitResult:
     return fitted[chosen.loss.name]
 
 
-def _save(t: _Trainee, result: FitResult, name: str, norm: data.Normalizer, data_dir: str, cdir: Path) -> None:
-    """The trained student's checkpoint, best-epoch metrics, servable model and `info.json`."""
+def _save(
+    t: _Trainee, result: FitResult, name: str, norm: data.Normalizer, data_dir: str, cdir: Path, seeds: list[int]
+) -> None:
+    """The trained student's checkpoint, best-epoch metrics, servable model and `info.json` (the first seed's:
+    the model registered)."""
     checkpoint.save(t.student.model, t.spec, cdir)
     with tracking.reopen(t.run_id):
         tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_top1": result.best_val_acc})
@@ -206,4 +243,22 @@ def _save(t: _Trainee, result: FitResult, name: str, norm: data.Normalizer, data
     }
     if t.search is not None:
         info["search"] = t.search
+    if len(seeds) > 1:
+        info["seeds"] = seeds
     write_info(cdir, info)
+
+
+SEEDS_DIR = "seeds"  # a candidate's models under its further training seeds: <candidate>/seeds/<seed>/
+
+
+def seed_dir(cdir: str | Path, seed: int) -> Path:
+    return Path(cdir) / SEEDS_DIR / str(seed)
+
+
+def _save_seed(t: _Trainee, model, result: FitResult, seed: int, cdir: Path) -> None:
+    """A further seed's weights-only checkpoint (never registered: evaluation scores it) and its best epoch."""
+    checkpoint.save(model, t.spec, seed_dir(cdir, seed))
+    with tracking.reopen(t.run_id):
+        tracking.log_metrics(
+            {f"seed{seed}.best_epoch": result.best_epoch, f"seed{seed}.best_val_top1": result.best_val_acc}
+        )

@@ -56,13 +56,15 @@ def register(
             rescore,
             teacher_uri=teacher_info["model_uri"],
             val_images=val_images,
-            paired=pairing(test, logits_of, {s.name: s.correct for s in scored}),
+            paired=pairing(test, logits_of, {s.name: s.correct[0] for s in scored}),  # the registered seed
         )
         summary = {
             "decision": asdict(decision),
             "evidence": ev.summary(),
             "teacher": {"version": decision.teacher_version, **teacher_info["metrics"]},
-            "candidates": {c.name: {"version": decision.versions[c.name], **c.metrics} for c in candidates},
+            "candidates": {
+                c.name: {"version": decision.versions[c.name], **c.metrics, **_chose(c)} for c in candidates
+            },
             "model_name": cfg.registry.model_name,
             "policy": cfg.registry.policy.model_dump(),
         }
@@ -79,6 +81,13 @@ def register(
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _chose(c: registry.Candidate) -> dict:
+    """A search candidate's choice, for the summary (empty for a fixed candidate)."""
+    if evidence.SEARCH_TAG not in c.tags:
+        return {}
+    return {"search_choice": c.tags.get("kdflow.search_settings", "")}
 
 
 def _candidates(
@@ -100,7 +109,7 @@ def _candidates(
                 f"candidate {info['name']!r}: its evaluation report has no per-image test results (test_correct); "
                 "run its evaluate step again"
             )
-        correct = np.asarray(report["test_correct"], dtype=bool)
+        correct = np.asarray(report.get("test_correct_seeds", [report["test_correct"]]), dtype=bool)  # (S, N)
         init = tags.get(evidence.INIT_TAG, "pruned")
         student, kind = tags[evidence.STUDENT_TAG], tags[evidence.LOSS_TAG]
         searched = evidence.SEARCH_TAG in tags
