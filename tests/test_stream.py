@@ -7,7 +7,7 @@ from collections import Counter
 
 import torch
 
-from kdflow.engine.stream import Stream
+from kdflow.engine.stream import Stream, epoch_size
 from tests.helpers.quadrants import NORM, SOURCE, TRAIN, quadrants
 
 BIG_SOURCE = quadrants(500, 4)
@@ -20,7 +20,7 @@ def _epoch(stream: Stream, seed: int = 0):
 def test_an_epoch_over_the_transfer_set_covers_every_source_image_once():
     """500 source images, 200 target images, batches of 64: 8 batches (the last of 52); every source image once,
     every target image 2 or 3 times (500 = 2.5 passes over the target split)."""
-    stream = Stream(TRAIN, BIG_SOURCE, NORM, 64, "none", False, "transfer")
+    stream = Stream(TRAIN, BIG_SOURCE, NORM, 64, "none", False, 500)
     batches = _epoch(stream)
     assert len(stream) == len(batches) == 8
     assert [len(b.idx) for b in batches] == [64] * 7 + [52]
@@ -35,7 +35,7 @@ def test_an_epoch_over_the_target_split_is_the_same_stream_as_before():
     """`epoch_over: target` (and a source split smaller than the target one, for `transfer`) draws the target
     shuffle, then the source shuffle: batches over the 200 target images, the source split cycled."""
     for over, source in (("target", BIG_SOURCE), ("transfer", SOURCE)):
-        stream = Stream(TRAIN, source, NORM, 64, "none", False, over)
+        stream = Stream(TRAIN, source, NORM, 64, "none", False, epoch_size(over, 200, len(source), True))
         batches = _epoch(stream)
         gen = torch.Generator().manual_seed(0)
         order, src_order = torch.randperm(200, generator=gen), torch.randperm(len(source), generator=gen)
@@ -44,5 +44,41 @@ def test_an_epoch_over_the_target_split_is_the_same_stream_as_before():
 
 
 def test_without_source_images_the_epoch_is_the_target_split():
-    stream = Stream(TRAIN, None, NORM, 64, "none", False, "transfer")
+    stream = Stream(TRAIN, None, NORM, 64, "none", False, None)
     assert len(stream) == 4 and sorted(torch.cat([b.idx for b in _epoch(stream)]).tolist()) == list(range(200))
+
+
+def test_epoch_sizes():
+    assert [epoch_size("transfer", 200, 500, u) for u in (True, False)] == [500, 200]
+    assert [epoch_size("source", 200, 500, u) for u in (True, False)] == [500, 500]
+    assert [epoch_size("target", 200, 500, u) for u in (True, False)] == [200, 200]
+    assert epoch_size("source", 200, None, False) == 200 and epoch_size("transfer", 200, 50, True) == 200
+
+
+class TrainingSteps(torch.nn.Module):
+    """A student that counts its training-mode forward passes: one per optimizer step."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.steps = net, 0
+
+    def forward(self, x):
+        self.steps += self.training
+        return self.net(x)
+
+
+def test_an_epoch_over_the_source_split_gives_target_only_students_as_many_steps():
+    """A plain-CE student handed a 500-image source split: 8 steps an epoch (500 / 64) with `epoch_over: source`,
+    4 (the 200 target images) with `transfer`, since it uses no source images."""
+    from kdflow.config import LossConfig
+    from kdflow.engine.loop import Student, fit_many
+    from tests.helpers.quadrants import CPU, VAL, cfg, cnn
+
+    steps = {}
+    for over in ("source", "transfer", "target"):
+        model = TrainingSteps(cnn(4))
+        student = Student(model, LossConfig(name="ce", kind="ce"))
+        fit_many([student], TRAIN, VAL, cfg(2, batch_size=64, epoch_over=over), NORM, seed=0, device=CPU,
+                 source=BIG_SOURCE)  # fmt: skip
+        steps[over] = model.steps
+    assert steps == {"source": 16, "transfer": 8, "target": 8}

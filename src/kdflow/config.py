@@ -139,11 +139,14 @@ class TrainConfig(_Section):
     # early stopping: end when validation has not improved for this many epochs (`epochs` is then a maximum);
     # None trains every epoch. The best-validation weights are kept either way.
     patience: int | None = Field(None, ge=1, le=10_000)
-    # what one epoch is a pass over when a transfer set includes source images: "transfer", the larger of the
-    # target and source training splits (the target split reshuffled as often as that takes), so training length
-    # follows the data that carries the teacher's signal; "target", the labelled target split only (with few
-    # target images that is a handful of optimizer steps an epoch, and most source images are never seen)
-    epoch_over: Literal["transfer", "target"] = "transfer"
+    # what one epoch (one validation, one unit of `epochs`, `warmup_epochs` and `patience`) is a pass over:
+    # "transfer": the larger of the target and source training splits when the candidate's transfer set includes
+    # source images, else the target split, so training length follows the data that carries the teacher's
+    # signal; "source": the larger of the two for every candidate of a distill step, so candidates with and
+    # without source images get the same number of optimizer steps (few-shot targets: 200 images are 4 steps);
+    # "target": the labelled target split only. Where an epoch is longer than the target split, the target split
+    # is reshuffled as often as that takes.
+    epoch_over: Literal["transfer", "source", "target"] = "transfer"
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainConfig:

@@ -27,7 +27,7 @@ from kdflow.config import LossConfig, TrainConfig
 from kdflow.data.dataset import ImageSet, Normalizer
 from kdflow.engine import ddp
 from kdflow.engine.device import FeatureTap, RngSlot, autocast, prepare, seed_everything
-from kdflow.engine.stream import Batch, Stream
+from kdflow.engine.stream import Batch, Stream, epoch_size
 from kdflow.engine.teacher_outputs import TeacherOutputs, TeacherSource, TeacherView, teacher_source
 from kdflow.evaluate import accuracy, predict
 
@@ -277,13 +277,19 @@ def fit_many(
     numbers reach every rank, so all ranks keep the same epoch and end with identical weights; only rank 0 calls
     `on_epoch`. The teacher is never wrapped: it is frozen and each rank runs it forward on its own share.
 
+    `cfg.epoch_over` sets an epoch's length (`epoch_size`); `source` given to students that do not use source
+    images only lends its size there ("source").
+
     `halt(epoch, standing)`, when given, is called after each epoch with every student still training (its
     index → its best (val accuracy, −val loss) so far) and returns the indices to stop there (`FitResult.halted`):
     a search's successive halving (`kdflow.search.Halving`). Its inputs are rank 0's, so every rank agrees.
     """
     objs = [objectives.build(s.loss) for s in students]
     use_source = _check(students, objs, teacher, source, teacher_outputs)
-    run = _setup(objs, students, train, val, cfg, normalizer, seed, device, teacher, source if use_source else None)
+    size = epoch_size(cfg.epoch_over, len(train), len(source) if source is not None else None, use_source)
+    run = _setup(
+        objs, students, train, val, cfg, normalizer, seed, device, teacher, source if use_source else None, size
+    )
     outputs = TeacherSource()  # where every batch's teacher outputs come from, decided once: none without KD
     if any(obj.needs_teacher for obj in objs):
         source_x = run.stream.source.x if use_source else None
@@ -349,7 +355,7 @@ def _check(
     return use_source
 
 
-def _setup(objs, students, train, val, cfg, normalizer, seed, device, teacher, source) -> _Run:
+def _setup(objs, students, train, val, cfg, normalizer, seed, device, teacher, source, size) -> _Run:
     """Devices, seeding, the data on the device, the frozen teacher and its hint-layer taps."""
     prepare(device)
     world = ddp.world_size()
@@ -368,5 +374,5 @@ def _setup(objs, students, train, val, cfg, normalizer, seed, device, teacher, s
             teacher.to(memory_format=torch.channels_last)  # on every device: see `nhwc`
     layers = sorted({s.hint_layers[1] for s, obj in zip(students, objs) if obj.needs_features})
     taps = {layer: FeatureTap(teacher, layer) for layer in layers}
-    stream = Stream(train, source, normalizer, cfg.batch_size, cfg.augment, channels_last, cfg.epoch_over)
+    stream = Stream(train, source, normalizer, cfg.batch_size, cfg.augment, channels_last, size)
     return _Run(device, world, channels_last, normalizer, stream, val, teacher, taps)

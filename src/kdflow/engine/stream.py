@@ -42,6 +42,15 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def epoch_size(epoch_over: str, target: int, source: int | None, uses_source: bool) -> int:
+    """Samples an epoch covers (`TrainConfig.epoch_over`): the target split's `target`, or the larger of it and the
+    source split's `source` ("transfer": when the stream carries source images; "source": whenever they are
+    known)."""
+    if source is None or epoch_over == "target" or (epoch_over == "transfer" and not uses_source):
+        return target
+    return max(target, source)
+
+
 @dataclass
 class Stream:
     """The target training split (and the source one, when a transfer set uses it) on the training device."""
@@ -52,12 +61,10 @@ class Stream:
     batch_size: int
     augment: str
     channels_last: bool  # the students' memory format (see `nhwc`)
-    epoch_over: str = "transfer"  # `TrainConfig.epoch_over`: with source images, an epoch covers the larger split
+    size: int | None = None  # target samples an epoch (`epoch_size`); None: one pass over the target split
 
     def __post_init__(self) -> None:
-        self.size = len(self.train)  # samples per epoch
-        if self.source is not None and self.epoch_over == "transfer":
-            self.size = max(self.size, len(self.source))
+        self.size = max(self.size or 0, len(self.train))
         self.bounds = batch_bounds(self.size, self.batch_size)
 
     def __len__(self) -> int:

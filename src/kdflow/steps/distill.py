@@ -163,7 +163,8 @@ def _train(
     objs = {c.name: objectives.build(c.loss) for c in fixed}
     tgt = splits(data_dir, "target")
     source: ImageSet | None = None
-    if any(o.uses_source_data for o in objs.values()) or any(c.search for c in cands):
+    needs = any(o.uses_source_data for o in objs.values()) or any(c.search for c in cands)
+    if needs or ctx.cfg.distill.train.epoch_over == "source":  # ("source": its size sets every epoch's length)
         source = data.load_imageset(data_dir, "source", "train")
 
     def train(students: list[Student], use_source: bool, **kw) -> list[FitResult]:
@@ -177,7 +178,7 @@ def _train(
                 seed=seed,
                 device=resolve_device(ctx.cfg.device),
                 teacher=teacher if any(objectives.build(s.loss).needs_teacher for s in students) else None,
-                source=source if use_source else None,
+                source=source,  # a target-only group reads only its size (`epoch_over`)
                 teacher_outputs=cached,
                 **kw,
             )
