@@ -158,3 +158,8 @@ def test_the_chosen_loss_becomes_the_lineage():
     assert tags["kdflow.search_settings"] == "kind=logit_mse, lam=0.5, transfer=both"
     assert math.isclose(float(tags["kdflow.lambda"]), 0.5)
     assert torch.__version__  # torch stays importable alongside optuna
+
+
+def test_a_choice_reads_in_three_significant_digits():
+    loss = LossConfig(name="auto01", kind="dist", temperature=1.0849009832, beta=1.0952254, gamma=0.69775199)
+    assert search.describe(loss) == "kind=dist, temperature=1.08, beta=1.1, gamma=0.698, transfer=target"

@@ -164,6 +164,11 @@ def finish(study, variants: list[Variant]) -> Variant:
     return max(finalists, key=lambda v: (v.best_key, -variants.index(v)))
 
 
+def describe(loss: LossConfig) -> str:
+    """`kind=kd, temperature=3.17, alpha=0.712, ...`: the fields its kind reads, reals to 3 significant digits."""
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings(loss).items())
+
+
 def lineage(loss: LossConfig) -> dict[str, str]:
     """The lineage tags of a search candidate once `loss` is chosen: what a fixed candidate with that loss has."""
     return {
@@ -173,7 +178,7 @@ def lineage(loss: LossConfig) -> dict[str, str]:
         "kdflow.lambda": str(loss.lam),
         "kdflow.transfer": loss.transfer,
         "kdflow.search_choice": loss.name,
-        "kdflow.search_settings": ", ".join(f"{k}={v}" for k, v in settings(loss).items()),
+        "kdflow.search_settings": describe(loss),
     }
 
 
