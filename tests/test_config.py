@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kdflow.config import Config, ConfigError, config_from_json, load_config, parse_config
+from kdflow.config import BUILTIN_RUN, Config, ConfigError, config_from_json, load_config, parse_config
 
 DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 CIFAR_YAML = DEFAULT_YAML.with_name("cifar10_to_cifar100.yaml")
@@ -21,15 +21,25 @@ def error_of(data) -> str:
 # ----------------------------------------------------------------------------------------------- defaults
 
 
-def test_builtin_default_is_valid():
+def test_schema_defaults_and_the_builtin_run():
+    """`Config()` is the schema's defaults (what an empty file gives); the built-in run sets a few-shot target and
+    two from-scratch students over them."""
     cfg = Config()
-    assert cfg == parse_config({}) == parse_config(None) == load_config()
-    assert cfg.prune.ratios == [0.6, 0.75]
+    assert cfg == parse_config({}) == parse_config(None)
+    assert cfg.prune.ratios == [0.6, 0.75] and cfg.data.target_samples_per_class is None
     assert {s.from_pruned for s in cfg.distill.students} <= set(cfg.prune.ratios)
+    run = load_config()
+    assert run == parse_config(BUILTIN_RUN) != cfg
+    assert (run.data.target_samples_per_class, run.data.source_fraction) == (10, 0.6)
+    assert [c.name for c in run.candidates()] == [
+        "cnn4-kd", "cnn4-logit_mse", "cnn4-ce", "cnn8-kd", "cnn8-logit_mse", "cnn8-ce",
+    ]  # fmt: skip
+    assert run.distill.train.epoch_over == "target" and run.distill.train.batch_size == 16
+    assert run.teacher.pretrain == cfg.teacher.pretrain and run.registry == cfg.registry
 
 
 def test_default_yaml_spells_out_the_builtin_default():
-    assert load_config(DEFAULT_YAML) == Config()
+    assert load_config(DEFAULT_YAML) == load_config()
 
 
 def test_config_names_exactly_the_architectures_models_builds():
@@ -201,7 +211,7 @@ def test_load_config_applies_dotted_overrides(tmp_path):
 def test_load_config_without_file_uses_defaults_plus_overrides():
     cfg = load_config(None, overrides={"seed": 3, "teacher.arch": "resnet20"})
     assert cfg.seed == 3 and cfg.teacher.arch == "resnet20"
-    assert cfg.distill == Config().distill
+    assert cfg.distill == load_config().distill
 
 
 def test_override_errors_name_the_key(tmp_path):
@@ -341,6 +351,7 @@ def test_candidate_groups_keep_one_data_stream_per_step():
     cfg = load_config(
         None,
         {
+            "prune.ratios": [0.6, 0.75],
             "distill.students": [{"name": "a", "from_pruned": 0.6}, {"name": "b", "from_pruned": 0.75}],
             "distill.losses": [
                 {"name": "kd", "kind": "kd"},
@@ -352,8 +363,8 @@ def test_candidate_groups_keep_one_data_stream_per_step():
     )
     # four target-only candidates in groups of three, the two source-data ones apart
     assert candidate_groups(cfg) == ["a-kd,a-ce,b-kd", "b-ce", "a-src,b-src"]
-    one = load_config(None, {"distill.candidates_per_step": 1})
-    assert candidate_groups(one) == [c.name for c in one.candidates()]
+    one = load_config(None, {"distill.candidates_per_step": 1})  # the built-in grid: ce on target images only
+    assert candidate_groups(one) == ["cnn4-ce", "cnn8-ce", "cnn4-kd", "cnn4-logit_mse", "cnn8-kd", "cnn8-logit_mse"]
 
 
 def test_candidate_groups_place_dkd_and_dist_by_their_data_stream():
@@ -362,6 +373,7 @@ def test_candidate_groups_place_dkd_and_dist_by_their_data_stream():
     cfg = load_config(
         None,
         {
+            "prune.ratios": [0.6, 0.75],
             "distill.students": [{"name": "a", "from_pruned": 0.6}],
             "distill.losses": [
                 {"name": "dkd", "kind": "dkd", "alpha": 1.0, "beta": 8.0},
@@ -391,6 +403,7 @@ def test_candidate_groups_put_hint_losses_apart_under_augmentation(augment, grou
     cfg = load_config(
         None,
         {
+            "prune.ratios": [0.6, 0.75],
             "distill.students": [{"name": "a", "from_pruned": 0.6}, {"name": "b", "from_pruned": 0.75}],
             "distill.losses": [
                 {"name": "kd", "kind": "kd"},

@@ -68,8 +68,14 @@ def test_selection_states_the_margin_in_images_or_the_tie_break():
     assert explain([cand("a", 0.5, 0.2)], "val_top1") == "a is the only candidate that satisfies the policy"
 
 
+PRUNED = {  # the schema's default students: the two pruned teachers
+    "prune.ratios": [0.6, 0.75],
+    "distill.students": [{"name": "pruned60", "from_pruned": 0.6}, {"name": "pruned75", "from_pruned": 0.75}],
+}
+
+
 def test_a_grid_without_ce_gets_the_baseline_unless_the_config_says_not_to():
-    kd_only = {"distill.losses": [{"name": "kd", "kind": "kd"}, {"name": "ce", "kind": "logit_mse"}]}
+    kd_only = {**PRUNED, "distill.losses": [{"name": "kd", "kind": "kd"}, {"name": "ce", "kind": "logit_mse"}]}
     names = [c.name for c in load_config(None, kd_only).candidates()]
     assert names == [
         "pruned60-kd",
@@ -88,14 +94,15 @@ def test_a_grid_without_ce_gets_the_baseline_unless_the_config_says_not_to():
 
 
 def test_scratch_baselines_add_each_pruned_students_architecture_from_random_weights():
-    cfg = load_config(None, {"distill.scratch_baselines": True})
+    cfg = load_config(None, {**PRUNED, "distill.scratch_baselines": True})
     extra = [c for c in cfg.candidates() if c.student.reinit]
     assert [(c.name, c.student.from_pruned, c.loss.kind, c.student.init) for c in extra] == [
         ("pruned60_scratch-ce", 0.6, "ce", "scratch"),
         ("pruned75_scratch-ce", 0.75, "ce", "scratch"),
     ]
     assert cfg.candidate("pruned60-ce").student.init == "pruned"
-    assert len(cfg.candidates()) == len(load_config(None, {}).candidates()) + 2
+    assert len(cfg.candidates()) == len(load_config(None, PRUNED).candidates()) + 2
+    assert not any(c.student.reinit for c in load_config(None, {"distill.scratch_baselines": True}).candidates())
     from kdflow.config import ConfigError
 
     with pytest.raises(ConfigError, match="reinit applies to a pruned student"):

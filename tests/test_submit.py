@@ -61,7 +61,7 @@ def test_run_carries_the_compiled_config_parameters_and_token(kfp_api, tmp_path)
     result = kdflow_submit(
         *("--host", kfp_api.url, "--token", "s3cret", "--run-name", "nightly-1"),
         *("--set", "distill.train.epochs=7", "--set", "experiment=kd-nightly"),
-        *("--param", "tracking_uri=http://mlflow.kdflow:5000", "--param", "candidates=[pruned60-kd, pruned75-ce]"),
+        *("--param", "tracking_uri=http://mlflow.kdflow:5000", "--param", "candidates=[cnn4-kd, cnn8-ce]"),
     )
     assert result.exit_code == 0, result.output
     cfg = load_config(None, {"distill.train.epochs": 7, "experiment": "kd-nightly"})
@@ -80,7 +80,7 @@ def test_run_carries_the_compiled_config_parameters_and_token(kfp_api, tmp_path)
     assert json.loads(defaults["config_json"]["defaultValue"])["distill"]["train"]["epochs"] == 7
     assert run["runtime_config"]["parameters"] == {
         "config_json": cfg.to_json(),
-        "candidates": ["pruned60-kd", "pruned75-ce"],
+        "candidates": ["cnn4-kd", "cnn8-ce"],
         "tracking_uri": "http://mlflow.kdflow:5000",
     }
     assert {r.headers.get("authorization") for r in kfp_api.requests} == {"Bearer s3cret"}
@@ -105,7 +105,7 @@ def test_existing_experiment_is_reused_in_the_namespace_with_the_env_token(kfp_a
     (req,) = kfp_api.calls("POST", "/runs")
     assert req.body["experiment_id"] == exp_id
     assert re.fullmatch(r"kdflow-digits-\d{8}-\d{6}", req.body["display_name"])
-    assert req.body["runtime_config"]["parameters"] == pipeline_arguments(Config())
+    assert req.body["runtime_config"]["parameters"] == pipeline_arguments(load_config())
     assert f"experiment kdflow-digits (existing, id {exp_id})" in result.output
     assert "auth: $KF_PIPELINES_TOKEN" in result.output
 
@@ -114,7 +114,7 @@ def test_a_compiled_package_is_submitted_as_is(kfp_api, tmp_path):
     package = tmp_path / "pkg.yaml"
     compiled = CliRunner().invoke(app, ["compile", "-o", str(package), "--set", "experiment=from-package"])
     assert compiled.exit_code == 0, compiled.output
-    result = kdflow_submit("--host", kfp_api.url, "--package", str(package), "--param", "candidates=[pruned75-kd]")
+    result = kdflow_submit("--host", kfp_api.url, "--package", str(package), "--param", "candidates=[cnn8-kd]")
     assert result.exit_code == 0, result.output
 
     (created,) = kfp_api.calls("POST", "/experiments")
@@ -123,7 +123,7 @@ def test_a_compiled_package_is_submitted_as_is(kfp_api, tmp_path):
     docs = list(yaml.safe_load_all(package.read_text()))
     assert ir(req.body["pipeline_spec"]) == docs[0]
     params = req.body["runtime_config"]["parameters"]
-    assert params["candidates"] == ["pruned75-kd"]
+    assert params["candidates"] == ["cnn8-kd"]
     assert json.loads(params["config_json"])["experiment"] == "from-package"
     assert {r.headers.get("authorization") for r in kfp_api.requests} == {None}  # no token anywhere
 
@@ -206,8 +206,8 @@ def test_schedule_creates_a_recurring_run_on_kfp_cron(kfp_api, tmp_path):
     assert job["display_name"] == "weekly"
     assert (job["mode"], job["max_concurrency"], job["no_catchup"]) == ("ENABLE", 1, True)
     assert job["experiment_id"] == next(iter(kfp_api.experiments))
-    assert job["pipeline_spec"] == expected_spec(Config(), tmp_path)
-    assert job["runtime_config"]["parameters"] == pipeline_arguments(Config(), "http://mlflow:5000")
+    assert job["pipeline_spec"] == expected_spec(load_config(), tmp_path)
+    assert job["runtime_config"]["parameters"] == pipeline_arguments(load_config(), "http://mlflow:5000")
     (rid,) = kfp_api.recurring_runs
     assert f"recurring run id: {rid}\nurl: {kfp_api.url}/#/recurringrun/details/{rid}\n" in result.output
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 
 def tiny_overrides(**extra) -> dict:
-    """The default config shrunk to seconds: few epochs, one student, two losses."""
+    """The built-in default shrunk to seconds: few epochs, one pruned student, two losses, and the whole target
+    split (not the default's 10 per class), so the steps' tests see a few hundred target images."""
     return {
+        "data.source_fraction": 0.4,
+        "data.target_samples_per_class": None,
         "teacher.pretrain": {"epochs": 3},
         "teacher.finetune": {"epochs": 3},
         "prune.ratios": [0.6],
         "distill.students": [{"name": "pruned60", "from_pruned": 0.6}],
         "distill.losses": [{"name": "kd", "kind": "kd"}, {"name": "ce", "kind": "ce"}],
-        "distill.train": {"epochs": 2},
+        "distill.train": {"epochs": 2, "epoch_over": "target"},
         "evaluate.latency_repeats": 3,
         **extra,
     }
