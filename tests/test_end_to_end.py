@@ -25,7 +25,7 @@ TEACHER = "kdflow-digits-teacher"
 
 
 def _run(tmp_path, name: str, distill_epochs: int) -> subprocess.CompletedProcess:
-    cfg = load_config(None, tiny_overrides(**{"distill.train": {"epochs": distill_epochs}}))
+    cfg = load_config(None, tiny_overrides(**{"distill.train": {"epochs": distill_epochs, "epoch_over": "target"}}))
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}

@@ -219,7 +219,7 @@ def test_a_table_for_other_augmentation_is_not_used(teacher):
     [
         ({"epochs": 2}, None, (None, 10)),  # no augmentation: logits once
         ({"epochs": 9, "augment": "crop"}, None, (None, 9, 10)),  # 9 epochs see the 9 crops of 8-px digits
-        ({"epochs": 8, "augment": "crop"}, None, None),  # fewer epochs than crops: per batch is cheaper
+        ({"epochs": 8, "augment": "crop", "epoch_over": "target"}, None, None),  # fewer epochs than crops
         ({"epochs": 9, "augment": "crop"}, [{"name": "h", "kind": "hint"}, {"name": "ce", "kind": "ce"}], None),
     ],
 )
@@ -249,6 +249,47 @@ def test_teacher_step_writes_the_outputs_distill_steps_can_use(tmp_path, train, 
     assert loaded.target.shape == (len(x_train), *shape[1:])
     expected = compute_teacher_outputs(net, norm, "", x_train, augment=loaded.augment).target
     torch.testing.assert_close(loaded.target, expected)
+
+
+def _teacher_outputs_of(tmp_path, overrides: dict):
+    from kdflow import data, models
+    from kdflow.config import load_config
+    from kdflow.data import Normalizer
+
+    config = load_config(None, tiny_overrides(**overrides))
+    data_dir = str(tmp_path / "data")
+    data.prepare(config.data, config.seed, data_dir)
+    manifest = data.read_manifest(data_dir)
+    torch.manual_seed(2)
+    net = models.build("cnn", in_channels=1, num_classes=10, width=8)
+    teacher_step.save_teacher_outputs(
+        config, net, Normalizer.from_manifest(manifest), data_dir, manifest, str(tmp_path)
+    )
+    return manifest, teacher_step.load_teacher_outputs(net, manifest, str(tmp_path))
+
+
+def test_a_search_alone_gets_the_teacher_outputs_on_its_transfer_sets(tmp_path):
+    """A grid of plain CE plus a search whose space includes `transfer: both`: the teacher's logits on the target
+    and the source training images are computed for it."""
+    manifest, out = _teacher_outputs_of(
+        tmp_path, {"distill.losses": [{"name": "ce", "kind": "ce"}], "distill.search": {"variants": 3}}
+    )
+    counts = manifest["tasks"]
+    assert out.target.shape == (counts["target"]["counts"]["train"], 10)
+    assert out.source.shape == (counts["source"]["counts"]["train"], 10)
+
+
+def test_epochs_over_the_source_split_count_their_passes_when_a_crop_table_pays(tmp_path):
+    """10 target images per class and a source split over 5 times larger: with `epoch_over: source`, 2 epochs
+    visit every target image 6 times each, 12 passes ≥ the 9 crops, so a table is built; over the target split
+    they would be 2 passes and the teacher runs per batch."""
+    few = {"data.target_samples_per_class": 10, "data.source_fraction": 0.6}
+    manifest, out = _teacher_outputs_of(tmp_path / "source", {**few, "distill.train": {"epochs": 2, "augment": "crop"}})
+    n, n_src = (manifest["tasks"][t]["counts"]["train"] for t in ("target", "source"))
+    assert n == 100 and 5 * n < n_src <= 6 * n
+    assert out.target.shape == (100, 9, 10)
+    train = {"epochs": 2, "augment": "crop", "epoch_over": "target"}
+    assert _teacher_outputs_of(tmp_path / "target", {**few, "distill.train": train})[1] is None
 
 
 def test_teacher_outputs_key_follows_weights_and_data(teacher, tmp_path):

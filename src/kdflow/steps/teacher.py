@@ -19,6 +19,7 @@ from kdflow.config import Config
 from kdflow.engine import ddp
 from kdflow.engine.device import resolve_device, seed_everything
 from kdflow.engine.loop import FitResult, fit
+from kdflow.engine.stream import epoch_size
 from kdflow.engine.teacher_outputs import (
     TeacherOutputs,
     compute_teacher_outputs,
@@ -170,18 +171,25 @@ def save_teacher_outputs(cfg: Config, net: nn.Module, norm: data.Normalizer, dat
     augment = dcfg.train.augment
     teacher_losses = [objectives.build(lc) for lc in dcfg.losses]
     teacher_losses = [o for o in teacher_losses if o.needs_teacher and not (augment != "none" and o.needs_features)]
-    if not teacher_losses:
+    searched = dcfg.search is not None  # its variants distill logits, on source images too when its space says so
+    if not teacher_losses and not searched:
         return
     net = net.to(resolve_device(cfg.device))  # profiling and model logging left it on the CPU
     x_target, _ = data.load_split(data_dir, "target", "train")
-    with_source = augment == "none" and any(o.uses_source_data for o in teacher_losses)
+    source_used = any(o.uses_source_data for o in teacher_losses) or (
+        searched and bool({"source", "both"} & set(dcfg.search.transfer))
+    )
+    with_source = augment == "none" and source_used
     x_source = data.load_split(data_dir, "source", "train")[0] if with_source else None
     with timing.compute():
         key = teacher_outputs_key(net, manifest["content_hash"])
         if augment == "none":
             out = compute_teacher_outputs(net, norm, key, x_target, x_source)
-        else:
-            out = tabulate_teacher(net, norm, x_target, augment, dcfg.train.epochs, key)
+        else:  # each epoch visits every target image `passes` times (`epoch_over`)
+            counts = manifest["tasks"]
+            n, n_src = counts["target"]["counts"]["train"], counts["source"]["counts"]["train"]
+            passes = -(-epoch_size(dcfg.train.epoch_over, n, n_src, source_used) // n)
+            out = tabulate_teacher(net, norm, x_target, augment, dcfg.train.epochs * passes, key)
     if out is None:  # a table would cost more teacher passes than the distill epochs: they run it per batch
         return
     blob = {"key": key, "augment": augment, "target": out.target.cpu()}
