@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     seeds = 2 if args.quick else args.seeds
     root = Path(tempfile.mkdtemp(prefix="kd-gain-"))
-    results: dict[str, Any] = {"machine": machine(), "seeds": seeds, "quick": args.quick, "configs": {}}
+    out = RESULTS / ("kd_gain_quick.json" if args.quick else "kd_gain.json")
+    results: dict[str, Any] = {"configs": {}}
+    if out.exists():  # configs run separately (other seed counts) accumulate in one file
+        results = json.loads(out.read_text())
+    results.update({"machine": machine(), "quick": args.quick})
     try:
         for name in args.configs:
             config = CONFIGS[name]
@@ -187,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wall {record['wall_s']:.0f} s, other load {record.get('other_cores') or 0:.2f} cores\n", flush=True)
             results["configs"][name] = {
                 "config": display_path(config) if config else "built-in default",
+                "seeds": seeds,
+                "date": time.strftime("%Y-%m-%d %H:%M"),
                 "sets": sets,
                 "wall_s": record["wall_s"],
                 "other_cores": record.get("other_cores"),
@@ -198,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.keep_homes is None:
             shutil.rmtree(root, ignore_errors=True)
-    out = RESULTS / ("kd_gain_quick.json" if args.quick else "kd_gain.json")
     write_json(out, results)
     print(f"wrote {display_path(out)}")
     return 0
