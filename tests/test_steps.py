@@ -609,6 +609,56 @@ def test_register_versions_every_model_and_moves_the_alias_only_for_a_better_pic
     }
 
 
+@pytest.mark.parametrize("where", ["registration", "after"])
+def test_a_register_step_that_fails_leaves_no_version_and_no_alias_move(
+    pipeline, distilled, evaluated, tmp_path, monkeypatch, where
+):
+    """A failure while registering the second candidate, or after the alias moved (writing the decision: a full
+    disk), takes back every version the step registered and puts the alias back where it was."""
+    _, student_dir = distilled
+    _, report_path = evaluated
+    client = pipeline.client()
+    model, teacher_model = f"steps-undo-{where}", f"steps-undo-{where}-teacher"
+    names = {"registry.model_name": model, "registry.teacher_model_name": teacher_model}
+    ctx = pipeline.context(f"steps-undo-{where}", **names)
+    first = register(
+        ctx, pipeline.data_dir, pipeline.teacher_dir, [str(student_dir)], [str(report_path)], str(tmp_path / "a")
+    )
+    assert first["decision"]["promoted"] and versions_of(client, model) == [1, 2]
+    champ = champion(client, model)
+    better = lowered(report_path, tmp_path / "better.json", 1.01)  # beats the champion: the alias would move
+    import mlflow
+
+    real = mlflow.register_model
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(args)
+        if where == "registration" and len(calls) == 3:  # teacher, first candidate, then this one fails
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "register_model", flaky)
+    moved = []
+    if where == "after":  # the alias has moved to the better pick when writing the decision fails
+
+        def full_disk(*args, **kwargs):
+            moved.append(champion(client, model))
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(tracking, "log_dict", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        register(ctx, pipeline.data_dir, pipeline.teacher_dir, [str(student_dir)], [str(better)], str(tmp_path / "b"))
+    assert versions_of(client, model) == [1, 2] and versions_of(client, teacher_model) == [1]
+    assert champion(client, model) == champ
+    assert not (tmp_path / "b").exists()
+    if where == "after":
+        assert moved and moved[0] != champ  # it had moved, and was put back
+        history = registry.alias_history(client, ctx.cfg.registry)
+        assert [(m["previous_version"], m["version"]) for m in history][-2:] == [(champ, moved[0]), (moved[0], champ)]
+        assert history[-1]["reason"] == "undone: the register step failed"
+
+
 def test_register_needs_a_report_for_every_candidate(pipeline, distilled, evaluated, tmp_path):
     _, student_dir = distilled
     reports, _ = evaluated

@@ -431,6 +431,10 @@ class RegistryConfig(_Section):
     # (McNemar p < significance_level and the paired bootstrap interval above 0; top-1 only)
     gate: Literal["improvement", "significance"] = "improvement"
     significance_level: float = Field(0.05, gt=0.0, lt=1.0)
+    # after its last write of the alias, a register step watches it this long and writes again if a concurrent
+    # pipeline's stale write put a worse pick there (`kdflow.registry.settle_alias`); longer than any
+    # read-to-write gap of a register step on this tracking server
+    settle_seconds: float = Field(2.0, ge=0.0, le=600.0)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
 
     @field_validator("model_name", "teacher_model_name")
