@@ -380,6 +380,43 @@ def test_several_seeds_train_score_and_pair_every_candidate_per_seed(pipeline, d
     assert (gain["a_only"], gain["b_only"]) == (int((kd & ~ce).sum()), int((ce & ~kd).sum()))
 
 
+def test_a_retry_after_a_permanent_error_fails_at_once(pipeline, tmp_path, monkeypatch):
+    """A distill attempt that fails on bad input (a ValueError) records it on the parent run; a retry of the same
+    step and loop iteration then refuses without training, while another iteration still runs."""
+    from kdflow.runner import entrypoints
+
+    ctx = pipeline.context("steps-permanent")
+    run = {
+        "config_json": ctx.cfg.to_json(),
+        "tracking_uri": pipeline.uri,
+        "pipeline_run_id": "steps-permanent",
+        "pipeline_run_name": "steps-permanent",
+    }
+    paths = {"data": pipeline.data_dir, "teacher": pipeline.teacher_dir, "pruned": pipeline.pruned_dir}
+    trained = []
+
+    def fit_many(*args, **kwargs):
+        trained.append(1)
+        raise RuntimeError("training started")  # not a permanent error: nothing recorded
+
+    monkeypatch.setattr(distill_step, "fit_many", fit_many)
+    with pytest.raises(ConfigError, match="unknown candidate 'pruned60-nope'"):
+        entrypoints.distill(candidates="pruned60-nope", student=str(tmp_path / "a"), **paths, **run)
+    tags = pipeline.client().get_run(ctx.parent_id).data.tags
+    (key,) = [k for k in tags if k.startswith(entrypoints.PERMANENT_TAG)]
+    assert key.startswith("kdflow.permanent_error.distill.") and "unknown candidate 'pruned60-nope'" in tags[key]
+    with pytest.raises(
+        entrypoints.NotRetried, match="^not retried: an earlier attempt failed permanently: ConfigError"
+    ):
+        entrypoints.distill(candidates="pruned60-nope", student=str(tmp_path / "b"), **paths, **run)
+    assert not (tmp_path / "b").exists() and trained == []
+    with pytest.raises(RuntimeError, match="training started"):  # another iteration is not refused
+        entrypoints.distill(candidates="pruned60-kd", student=str(tmp_path / "c"), **paths, **run)
+    assert trained == [1]
+    again = pipeline.client().get_run(ctx.parent_id).data.tags
+    assert [k for k in again if k.startswith(entrypoints.PERMANENT_TAG)] == [key]
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 
 
