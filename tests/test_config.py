@@ -438,8 +438,11 @@ def test_the_few_shot_config_is_the_regime_where_the_teacher_matters():
         "cnn8-mse_src",
         "cnn8-ce",
         "pruned60_scratch-ce",
+        "pruned60-auto",
+        "cnn8-auto",
     ]
     assert cfg.candidate("cnn8-mse_src").loss.transfer == "both" and cfg.registry.gate == "significance"
+    assert cfg.distill.search.variants == 8 and cfg.distill.train.epoch_over == "source"
 
 
 def test_the_few_shot_validation_cap_is_positive_train_or_null():

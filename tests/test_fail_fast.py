@@ -3,6 +3,7 @@ non-zero exit, and nothing written: no home, no store, no run. Credentials in a 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -90,3 +91,33 @@ def test_credentials_in_the_tracking_uri_move_to_the_environment(monkeypatch):
         "env": {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": SECRET},
     }
     assert SECRET not in result.output and "MLflow at http://mlflow.example:5000" in " ".join(result.output.split())
+
+
+def test_credentials_in_config_values_never_reach_mlflow_params():
+    from kdflow import secrets
+    from kdflow.config import load_config
+
+    cfg = load_config(
+        None,
+        {
+            "data.root": f"https://reader:{SECRET}@files.example/datasets",
+            "distill.students": [{"name": "s", "arch": "cnn", "arch_kwargs": {"width": 4, "api_token": SECRET}}],
+        },
+    )
+    flat = cfg.flat()
+    assert SECRET not in json.dumps(flat)
+    assert flat["data.root"] == "https://***@files.example/datasets"
+    assert '"api_token": "' + SECRET not in flat["distill.students"]
+    assert secrets.redact_value("teacher.arch_kwargs.password", "x") == "***"
+    assert secrets.redact_value("data.source", "s3://bucket/key") == "s3://bucket/key"
+
+
+def test_log_params_redacts(monkeypatch):
+    import mlflow
+
+    from kdflow import tracking
+
+    sent = {}
+    monkeypatch.setattr(mlflow, "log_params", lambda params: sent.update(params))
+    tracking.log_params({"student.arch_kwargs": {"secret_key": SECRET}, "data.source": f"http://u:{SECRET}@h/x"})
+    assert SECRET not in json.dumps(sent) and sent["data.source"] == "http://***@h/x"

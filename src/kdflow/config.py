@@ -610,7 +610,9 @@ class Config(_Section):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 
     def flat(self) -> dict[str, str]:
-        """Dotted keys → values, for MLflow params."""
+        """Dotted keys → values, for MLflow params; credentials redacted (`kdflow.secrets.scrub`)."""
+        from kdflow.secrets import scrub
+
         out: dict[str, str] = {}
 
         def walk(prefix: str, value: Any) -> None:
@@ -618,6 +620,7 @@ class Config(_Section):
                 for k, v in value.items():
                     walk(f"{prefix}.{k}" if prefix else k, v)
             else:
+                value = scrub(value, prefix)
                 out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
         walk("", self.model_dump(mode="json"))

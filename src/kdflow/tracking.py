@@ -51,9 +51,9 @@ def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
 
 def redact(text: str) -> str:
     """`text` with the user-info of every URI in it replaced by `***` (`http://***@host`)."""
-    import re
+    from kdflow.secrets import redact as _redact
 
-    return re.sub(r"(?<=://)[^/\s@]+@", "***@", text)
+    return _redact(text)
 
 
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
@@ -188,10 +188,13 @@ def reopen(run_id: str) -> Iterator:
 
 def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
     """Log params to the active run, or to `run_id` without touching its status (a run still training stays
-    RUNNING: a pod killed mid-training then leaves it RUNNING for the exit handler to mark FAILED)."""
+    RUNNING: a pod killed mid-training then leaves it RUNNING for the exit handler to mark FAILED). Credentials
+    are redacted (`kdflow.secrets.scrub`: URIs' user-info, values under secret-looking keys)."""
     import mlflow
 
-    clipped = {k: str(v)[:6000] for k, v in params.items()}
+    from kdflow.secrets import scrub
+
+    clipped = {k: str(scrub(v, k))[:6000] for k, v in params.items()}
     if run_id is None:
         mlflow.log_params(clipped)
         return
