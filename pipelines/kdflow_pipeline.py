@@ -83,7 +83,8 @@ def build_pipeline(cluster: "ClusterConfig | None" = None):
         closer = place(finalize(**run).set_display_name("finalize"), **cpu).set_caching_options(False)
         with dsl.ExitHandler(closer, name="pipeline"):
             # store-free, so its cache can hit; every later step logs to MLflow and must run every time
-            data = place(data_prep(config_json=config_json).set_display_name("data-prep"), **cpu)
+            # not retried: its failures are the data's (a bad path, label or file); boto3 retries S3 hiccups itself
+            data = place(data_prep(config_json=config_json).set_display_name("data-prep"), **cpu, retry=False)
             data.set_caching_options(cluster.cache_data_prep)
             dataset = data.outputs["data"]
             teacher = place(

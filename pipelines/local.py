@@ -105,7 +105,11 @@ def _run(cfg: Config, home: Path, uri: str, verbose: bool) -> dict:
     root = home / "pipeline-root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     before = set(root.iterdir()) if root.is_dir() else set()
-    pipeline = build_pipeline(cfg.cluster)
+    # nothing preempts a local step: a failure is reported at once, never retried after a back-off (a bad input
+    # would fail the same way again, and an interrupted run must not restart its steps)
+    pipeline = build_pipeline(
+        cfg.cluster.model_copy(update={"retry": cfg.cluster.retry.model_copy(update={"max_retries": 0})})
+    )
     original_print = builtins.print  # kfp.local swaps print() to indent step logs and may not restore it
     log = ProgressLog(home / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log", sys.stdout, verbose)
     try:

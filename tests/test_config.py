@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -437,8 +438,11 @@ def test_the_few_shot_config_is_the_regime_where_the_teacher_matters():
         "cnn8-mse_src",
         "cnn8-ce",
         "pruned60_scratch-ce",
+        "pruned60-auto",
+        "cnn8-auto",
     ]
     assert cfg.candidate("cnn8-mse_src").loss.transfer == "both" and cfg.registry.gate == "significance"
+    assert cfg.distill.search.variants == 8 and cfg.distill.train.epoch_over == "source"
 
 
 def test_the_few_shot_validation_cap_is_positive_train_or_null():
@@ -446,3 +450,54 @@ def test_the_few_shot_validation_cap_is_positive_train_or_null():
     assert load_config(None, {"data.target_val_samples_per_class": None}).data.target_val_samples_per_class is None
     with pytest.raises(ConfigError, match=r"data.target_val_samples_per_class: .*must be 1 or more.*got 0"):
         load_config(None, {"data.target_val_samples_per_class": 0})
+
+
+# -------------------------------------------------------------------------------------- registry names
+
+
+BAD_REGISTRY = [
+    ({"registry.alias": "latest"}, "registry.alias: Value error, MLflow reserves the alias 'latest'"),
+    ({"registry.alias": "Latest"}, "registry.alias: Value error, MLflow reserves the alias 'Latest'"),
+    ({"registry.alias": "v3"}, "registry.alias: Value error, MLflow reserves the alias 'v3'"),
+    ({"registry.alias": "a" * 256}, "registry.alias: String should have at most 255 characters"),
+    ({"registry.model_name": "team/student"}, "registry.model_name: Value error, MLflow model names cannot contain"),
+    ({"registry.model_name": "a:b"}, "registry.model_name: Value error, MLflow model names cannot contain"),
+    ({"registry.model_name": "a/../b"}, "registry.model_name: Value error, MLflow model names cannot contain"),
+    ({"registry.model_name": "   "}, "registry.model_name: Value error, a registered model name cannot be blank"),
+    ({"registry.teacher_model_name": ".."}, "registry.teacher_model_name: Value error, MLflow treats model names"),
+    ({"registry.teacher_model_name": "kdflow-digits-student"}, "are both 'kdflow-digits-student'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_REGISTRY)
+def test_registry_names_mlflow_refuses_fail_at_validation(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_the_registry_name_rules_agree_with_mlflows():
+    """Every name and alias the config refuses, MLflow refuses too, and the names it accepts MLflow accepts."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation as v
+
+    def mlflow_ok(check, value) -> bool:
+        try:
+            check(value)
+        except MlflowException:
+            return False
+        return True
+
+    for overrides, _ in BAD_REGISTRY[:-1]:
+        ((key, value),) = overrides.items()
+        if key == "registry.alias":
+            assert not (
+                mlflow_ok(v._validate_model_alias_name, value)
+                and mlflow_ok(v._validate_model_alias_name_reserved, value)
+            )
+        else:
+            assert not mlflow_ok(v._validate_model_name, value), value
+    for name in ("kdflow-digits-student", "team.student_v2", "a b"):
+        assert mlflow_ok(v._validate_model_name, name) and load_config(None, {"registry.model_name": name})
+    for alias in ("champion", "prod-2", "v2a"):
+        assert mlflow_ok(v._validate_model_alias_name_reserved, alias)
+        assert load_config(None, {"registry.alias": alias}).registry.alias == alias

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -183,6 +184,47 @@ def test_load_mnist_idx_count_mismatch(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(0x08, (3,), b"\x00\x01\x02"))
     with pytest.raises(DataError, match="2 images but"):
         data.load_mnist_idx(tmp_path)
+
+
+def _mnist_dir(tmp_path: Path, labels: list[int]) -> Path:
+    rng = np.random.default_rng(0)
+    d = tmp_path / "idx"
+    d.mkdir()
+    imgs = rng.integers(0, 255, (len(labels), 4, 4), dtype=np.uint8)
+    (d / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(0x08, imgs.shape, imgs.tobytes()))
+    (d / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(0x08, (len(labels),), bytes(labels)))
+    return d
+
+
+def test_a_label_out_of_range_fails_in_data_prep_naming_it(tmp_path):
+    d = _mnist_dir(tmp_path, [i % 10 for i in range(59)] + [42])
+    with pytest.raises(
+        DataError, match=r"(source|target) task \(mnist-idx:.*\): label 42 is out of range for its 10 classes"
+    ):
+        data.prepare(DataConfig(source=f"mnist-idx:{d}", setup="domain_shift"), 0, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_task_with_one_class_fails_in_data_prep(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "tree" / "cat").mkdir(parents=True)
+    for i in range(30):
+        Image.new("L", (8, 8), i).save(tmp_path / "tree" / "cat" / f"{i}.png")
+    cfg = DataConfig(
+        source="digits", target=f"imagefolder:{tmp_path / 'tree'}", setup="cross_dataset", image_size=8, channels=1
+    )
+    with pytest.raises(DataError, match=r"target task \(imagefolder:.*\): only one class \('cat'\) has images"):
+        data.prepare(cfg, 0, tmp_path / "out")
+
+
+def test_a_truncated_gzip_is_named(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 255, 800, dtype=np.uint8).tobytes()  # barely compressible
+    packed = gzip.compress(_idx_bytes(0x08, (50, 4, 4), noise))
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(packed[: len(packed) // 2])  # a download cut in half
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: unreadable \(EOFError"):
+        data.read_idx(path)
 
 
 # ---------------------------------------------------------------------------------------------- digits

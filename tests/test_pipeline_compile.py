@@ -211,9 +211,9 @@ def test_every_step_reads_mlflow_uri_from_config_map_and_s3_keys_from_secret(tmp
         ]
 
 
-def test_retries_with_backoff_everywhere_but_registration(tmp_path):
+def test_retries_with_backoff_everywhere_but_data_prep_and_registration(tmp_path):
     tasks = all_tasks(_compile(tmp_path, load_config(None, CLUSTER)))
-    for step in STEPS - {"register"}:
+    for step in STEPS - {"register", "data-prep"}:
         assert tasks[step]["retryPolicy"] == {
             "maxRetryCount": 3,
             "backoffDuration": "20s",
@@ -221,6 +221,7 @@ def test_retries_with_backoff_everywhere_but_registration(tmp_path):
             "backoffMaxDuration": "900s",
         }, step
     assert "retryPolicy" not in tasks["register"]  # creating model versions twice is worse than failing
+    assert "retryPolicy" not in tasks["data-prep"]  # its failures are the data's: retrying repeats them
 
 
 @pytest.mark.parametrize("cache_data", [True, False])

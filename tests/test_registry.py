@@ -277,6 +277,7 @@ class Rescore:
 
 
 def registry_cfg(name: str, **kw) -> RegistryConfig:
+    kw.setdefault("settle_seconds", 0.0)  # one store, one writer: a read after the write is enough
     return RegistryConfig(model_name=name, policy=PolicyConfig(min_compression=4.0), **kw)
 
 

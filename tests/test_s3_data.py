@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 import zipfile
 from pathlib import Path
@@ -384,6 +385,66 @@ def test_unsafe_archives_are_rejected(env, tmp_path, key, body, reason):
         data.load_source(uri, cfg)
     assert not (tmp_path / "evil.png").exists() and not (tmp_path / "deep" / "evil.png").exists()
     assert _entries(data.s3_cache_root(cfg) / bucket) == []  # nothing cached, no temp folder left
+
+
+def _sizes(tree: Path) -> list[int]:
+    return [p.stat().st_size for p in _files(tree)]
+
+
+@pytest.mark.parametrize(
+    "var, value, kind, message",
+    [
+        (
+            "KDFLOW_S3_MAX_FILES",
+            "5",
+            "zip",
+            r"the archive holds 3\d image files, over the limit of 5 \(KDFLOW_S3_MAX_FILES\)",
+        ),
+        ("KDFLOW_S3_MAX_FILES", "5", "tar.gz", r"the archive holds 3\d image files, over the limit of 5"),
+        ("KDFLOW_S3_MAX_FILES", "5", "tree", r"the prefix holds 3\d image files, over the limit of 5"),
+        (
+            "KDFLOW_S3_MAX_FILE_BYTES",
+            "100",
+            "zip",
+            r"the archive member '[^']+' is \d+ bytes, over the per-file limit of 100",
+        ),
+        ("KDFLOW_S3_MAX_FILE_BYTES", "100", "tree", r"the prefix member '[^']+' is \d+ bytes, over the per-file"),
+        (
+            "KDFLOW_S3_MAX_BYTES",
+            "2000",
+            "tar.gz",
+            r"the archive is [\d,]+ bytes, over the limit of 2,000 \(KDFLOW_S3_MAX_BYTES\)",
+        ),
+        ("KDFLOW_S3_MAX_BYTES", "2000", "tree", r"the prefix holds [\d,]+ bytes of images, over the limit of 2,000"),
+    ],
+)
+def test_fetches_over_a_limit_are_refused_before_anything_is_cached(
+    env, tree_a, tmp_path, monkeypatch, var, value, kind, message
+):
+    """Limits on files, bytes per file and total bytes: checked on the listing or the archive's declared member
+    sizes, before a download or an extraction; nothing is cached."""
+    assert len(_files(tree_a)) > 5 and max(_sizes(tree_a)) > 100 and sum(_sizes(tree_a)) > 2000
+    bucket = f"limits-{kind.replace('.', '')}-{var.lower().replace('_', '')[8:]}"
+    c = _bucket(env, bucket)
+    if kind == "tree":
+        _upload_tree(c, bucket, "digits/", tree_a)
+        uri = f"s3://{bucket}/digits/"
+    else:
+        c.put_object(Bucket=bucket, Key=f"d.{kind}", Body=(_zip if kind == "zip" else _tar_gz)(tree_a))
+        uri = f"s3://{bucket}/d.{kind}"
+    monkeypatch.setenv(var, value)
+    cfg = _cfg(tmp_path, uri)
+    with pytest.raises(DataError, match=rf"^{re.escape(uri)}: {message}"):
+        data.load_source(uri, cfg)
+    assert _entries(data.s3_cache_root(cfg) / bucket) == []
+    monkeypatch.delenv(var)
+    assert len(data.load_source(uri, cfg).x) == N_IMAGES  # within the defaults it loads
+
+
+def test_a_bad_limit_setting_is_named(env, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDFLOW_S3_MAX_FILES", "lots")
+    with pytest.raises(DataError, match=r"^KDFLOW_S3_MAX_FILES='lots': expected a whole number of 1 or more$"):
+        s3.Limits.from_env()
 
 
 # -------------------------------------------------------------------------------------------------- errors

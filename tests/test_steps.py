@@ -380,6 +380,43 @@ def test_several_seeds_train_score_and_pair_every_candidate_per_seed(pipeline, d
     assert (gain["a_only"], gain["b_only"]) == (int((kd & ~ce).sum()), int((ce & ~kd).sum()))
 
 
+def test_a_retry_after_a_permanent_error_fails_at_once(pipeline, tmp_path, monkeypatch):
+    """A distill attempt that fails on bad input (a ValueError) records it on the parent run; a retry of the same
+    step and loop iteration then refuses without training, while another iteration still runs."""
+    from kdflow.runner import entrypoints
+
+    ctx = pipeline.context("steps-permanent")
+    run = {
+        "config_json": ctx.cfg.to_json(),
+        "tracking_uri": pipeline.uri,
+        "pipeline_run_id": "steps-permanent",
+        "pipeline_run_name": "steps-permanent",
+    }
+    paths = {"data": pipeline.data_dir, "teacher": pipeline.teacher_dir, "pruned": pipeline.pruned_dir}
+    trained = []
+
+    def fit_many(*args, **kwargs):
+        trained.append(1)
+        raise RuntimeError("training started")  # not a permanent error: nothing recorded
+
+    monkeypatch.setattr(distill_step, "fit_many", fit_many)
+    with pytest.raises(ConfigError, match="unknown candidate 'pruned60-nope'"):
+        entrypoints.distill(candidates="pruned60-nope", student=str(tmp_path / "a"), **paths, **run)
+    tags = pipeline.client().get_run(ctx.parent_id).data.tags
+    (key,) = [k for k in tags if k.startswith(entrypoints.PERMANENT_TAG)]
+    assert key.startswith("kdflow.permanent_error.distill.") and "unknown candidate 'pruned60-nope'" in tags[key]
+    with pytest.raises(
+        entrypoints.NotRetried, match="^not retried: an earlier attempt failed permanently: ConfigError"
+    ):
+        entrypoints.distill(candidates="pruned60-nope", student=str(tmp_path / "b"), **paths, **run)
+    assert not (tmp_path / "b").exists() and trained == []
+    with pytest.raises(RuntimeError, match="training started"):  # another iteration is not refused
+        entrypoints.distill(candidates="pruned60-kd", student=str(tmp_path / "c"), **paths, **run)
+    assert trained == [1]
+    again = pipeline.client().get_run(ctx.parent_id).data.tags
+    assert [k for k in again if k.startswith(entrypoints.PERMANENT_TAG)] == [key]
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 
 
@@ -607,6 +644,56 @@ def test_register_versions_every_model_and_moves_the_alias_only_for_a_better_pic
         registry.TEST_HASH_TAG: pipeline.manifest["target_test_hash"],
         **{k: repr(float(v)) for k, v in teacher_info["metrics"].items()},
     }
+
+
+@pytest.mark.parametrize("where", ["registration", "after"])
+def test_a_register_step_that_fails_leaves_no_version_and_no_alias_move(
+    pipeline, distilled, evaluated, tmp_path, monkeypatch, where
+):
+    """A failure while registering the second candidate, or after the alias moved (writing the decision: a full
+    disk), takes back every version the step registered and puts the alias back where it was."""
+    _, student_dir = distilled
+    _, report_path = evaluated
+    client = pipeline.client()
+    model, teacher_model = f"steps-undo-{where}", f"steps-undo-{where}-teacher"
+    names = {"registry.model_name": model, "registry.teacher_model_name": teacher_model}
+    ctx = pipeline.context(f"steps-undo-{where}", **names)
+    first = register(
+        ctx, pipeline.data_dir, pipeline.teacher_dir, [str(student_dir)], [str(report_path)], str(tmp_path / "a")
+    )
+    assert first["decision"]["promoted"] and versions_of(client, model) == [1, 2]
+    champ = champion(client, model)
+    better = lowered(report_path, tmp_path / "better.json", 1.01)  # beats the champion: the alias would move
+    import mlflow
+
+    real = mlflow.register_model
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(args)
+        if where == "registration" and len(calls) == 3:  # teacher, first candidate, then this one fails
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "register_model", flaky)
+    moved = []
+    if where == "after":  # the alias has moved to the better pick when writing the decision fails
+
+        def full_disk(*args, **kwargs):
+            moved.append(champion(client, model))
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(tracking, "log_dict", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        register(ctx, pipeline.data_dir, pipeline.teacher_dir, [str(student_dir)], [str(better)], str(tmp_path / "b"))
+    assert versions_of(client, model) == [1, 2] and versions_of(client, teacher_model) == [1]
+    assert champion(client, model) == champ
+    assert not (tmp_path / "b").exists()
+    if where == "after":
+        assert moved and moved[0] != champ  # it had moved, and was put back
+        history = registry.alias_history(client, ctx.cfg.registry)
+        assert [(m["previous_version"], m["version"]) for m in history][-2:] == [(champ, moved[0]), (moved[0], champ)]
+        assert history[-1]["reason"] == "undone: the register step failed"
 
 
 def test_register_needs_a_report_for_every_candidate(pipeline, distilled, evaluated, tmp_path):

@@ -29,8 +29,18 @@ def _overrides(pairs: list[str] | None) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({problem})") from None
     return out
+
+
+def _fail(message: object, code: int = 2) -> typer.Exit:
+    """Print one error line (credentials in URIs redacted) and return the exit to raise."""
+    console.print(f"[red]error:[/red] {escape(tracking.redact(str(message)))}", soft_wrap=True)
+    return typer.Exit(code)
 
 
 def _load(config: Path | None, sets: list[str] | None) -> Config:
@@ -59,7 +69,18 @@ def run(
 
     cfg = _load(config, set_).with_local_paths(Path.cwd())
     home = (home or tracking.kdflow_home()).expanduser().resolve()
+    if home.exists() and not home.is_dir():
+        raise _fail(f"--home {home}: not a directory")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.embedded_tracking_uri(home)
+    # credentials in the URI travel by environment (MLflow's basic-auth variables), never on a command line
+    uri, user, password = tracking.split_credentials(uri)
+    for var, value in zip(tracking.CREDENTIAL_ENV, (user, password)):
+        if value is not None:
+            os.environ[var] = value
+    try:
+        tracking.check_reachable(uri)  # within 10 s, before any training
+    except ConnectionError as err:
+        raise _fail(str(err)) from None
     n = len(cfg.candidates())
     console.print(
         f"[bold]kdflow[/bold] {cfg.experiment}: {cfg.data.setup} on {cfg.data.source}"
@@ -212,11 +233,6 @@ SCHEDULE_OPT = typer.Option(
     help="Create a recurring run instead, on this cron (UTC): 6 fields with seconds first as KFP expects, "
     "e.g. '0 0 3 * * 0' (Sundays 03:00); 5 standard fields get seconds=0 prepended; @daily, @every 24h.",
 )
-
-
-def _fail(message: object, code: int) -> typer.Exit:
-    console.print(f"[red]error:[/red] {escape(str(message))}", soft_wrap=True)
-    return typer.Exit(code)
 
 
 @app.command()

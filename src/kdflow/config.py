@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import posixpath
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -419,9 +421,9 @@ class PolicyConfig(_Section):
 class RegistryConfig(_Section):
     """Where candidates are registered and what a new champion must beat."""
 
-    model_name: str = Field("kdflow-digits-student", min_length=1)
-    teacher_model_name: str = Field("kdflow-digits-teacher", min_length=1)
-    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    model_name: str = Field("kdflow-digits-student", min_length=1, max_length=256)
+    teacher_model_name: str = Field("kdflow-digits-teacher", min_length=1, max_length=256)
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", max_length=255)
     champion_metric: Literal["test_top1", "test_top5"] = "test_top1"
     min_improvement: float = Field(0.0, ge=0.0, le=1.0)
     # "improvement": the pick becomes champion when its champion_metric beats the champion's by more than
@@ -429,7 +431,42 @@ class RegistryConfig(_Section):
     # (McNemar p < significance_level and the paired bootstrap interval above 0; top-1 only)
     gate: Literal["improvement", "significance"] = "improvement"
     significance_level: float = Field(0.05, gt=0.0, lt=1.0)
+    # after its last write of the alias, a register step watches it this long and writes again if a concurrent
+    # pipeline's stale write put a worse pick there (`kdflow.registry.settle_alias`); longer than any
+    # read-to-write gap of a register step on this tracking server
+    settle_seconds: float = Field(2.0, ge=0.0, le=600.0)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+    @field_validator("model_name", "teacher_model_name")
+    @classmethod
+    def _registry_name(cls, name: str) -> str:
+        """MLflow 3's rules for a registered model's name (`mlflow.utils.validation._validate_model_name`), checked
+        here so a bad name fails before training rather than at registration."""
+        if not name.strip():
+            raise ValueError("a registered model name cannot be blank")
+        if "/" in name or ":" in name:
+            raise ValueError(f"MLflow model names cannot contain '/' or ':', got {name!r}")
+        norm = posixpath.normpath(name)
+        if norm != name or norm == "." or norm.startswith(".."):
+            raise ValueError(f"MLflow treats model names as paths: {name!r} would resolve to {norm!r}")
+        return name
+
+    @field_validator("alias")
+    @classmethod
+    def _alias_not_reserved(cls, alias: str) -> str:
+        """MLflow reserves `latest` (any case) and version names (`v3`) as aliases."""
+        if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+            raise ValueError(f"MLflow reserves the alias {alias!r} (latest and v<number> name versions)")
+        return alias
+
+    @model_validator(mode="after")
+    def _names_apart(self) -> RegistryConfig:
+        if self.model_name == self.teacher_model_name:
+            raise ValueError(
+                f"registry.model_name and registry.teacher_model_name are both {self.model_name!r}: teacher versions "
+                "would compete with the students for the alias"
+            )
+        return self
 
     @model_validator(mode="after")
     def _gate_metric(self) -> RegistryConfig:
@@ -573,7 +610,9 @@ class Config(_Section):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 
     def flat(self) -> dict[str, str]:
-        """Dotted keys → values, for MLflow params."""
+        """Dotted keys → values, for MLflow params; credentials redacted (`kdflow.secrets.scrub`)."""
+        from kdflow.secrets import scrub
+
         out: dict[str, str] = {}
 
         def walk(prefix: str, value: Any) -> None:
@@ -581,6 +620,7 @@ class Config(_Section):
                 for k, v in value.items():
                     walk(f"{prefix}.{k}" if prefix else k, v)
             else:
+                value = scrub(value, prefix)
                 out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
         walk("", self.model_dump(mode="json"))

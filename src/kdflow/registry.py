@@ -195,6 +195,157 @@ def _against_champion(cfg: RegistryConfig, champ, best: Candidate | None, test_h
     return score, paired(best.name, uri)
 
 
+POLL_S = (0.05, 0.25)  # jittered pause between reads of the alias
+MOVE_TAG = "kdflow.alias_move"  # registered-model tag prefix of the alias's history: one tag per move
+
+
+def settle_alias(
+    client,
+    cfg: RegistryConfig,
+    version: int,
+    wins: Callable[[int], bool],
+    reason: str,
+    run_id: str = "",
+    poll_s: tuple[float, float] = POLL_S,
+) -> int | None:
+    """Point `cfg.alias` at `version` while it beats whatever holds the alias, until the alias has stayed put
+    for `cfg.settle_seconds`; return the version holding it then.
+
+    MLflow has no compare-and-swap on aliases, so two pipelines that read the champion and then write the alias
+    can lose each other's update (the lower of two new picks written last). Each pipeline therefore keeps
+    re-reading after it writes: a pick that beats the alias's holder writes again; one that does not stops
+    writing. Every write raises the champion past what its writer read, so the writes stop, and a pipeline
+    watches for `settle_seconds` after its own last write, far longer than the read-to-write gap of another, so a
+    stale write it could be hurt by lands while it still watches. The alias ends on a pick no other pick beats.
+    Only the REST API is used. Each move is recorded on the registered model (`record_move`)."""
+    import random
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    rng = random.Random()
+    last_write, collisions = time.monotonic(), 0
+    while True:
+        champ = current_champion(client, cfg)
+        holder = int(champ.version) if champ is not None else None
+        if holder != version and (holder is None or wins(holder)):
+            try:
+                client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
+            except MlflowException as err:  # two first writes at once: the store's unique key refuses one
+                collisions += 1
+                if collisions > 20 or "UNIQUE" not in str(err).upper() and "DUPLICATE" not in str(err).upper():
+                    raise
+                time.sleep(rng.uniform(*poll_s))
+                continue  # read again: the other write landed
+            record_move(client, cfg, holder, version, run_id, reason)
+            last_write = time.monotonic()
+        elif time.monotonic() - last_write >= cfg.settle_seconds:
+            return holder
+        time.sleep(rng.uniform(*poll_s))
+
+
+def record_move(client, cfg: RegistryConfig, previous: int | None, version: int, run_id: str, reason: str) -> None:
+    """One registered-model tag per alias move, `kdflow.alias_move.<alias>.<ns>.<version>`: the previous and new
+    version, the run, the reason and the time, so a rollback target is always known (tags of distinct keys
+    never overwrite each other, unlike one history tag appended to by concurrent pipelines)."""
+    import json
+    import time
+    from datetime import datetime, timezone
+
+    move = {
+        "alias": cfg.alias,
+        "previous_version": previous,
+        "version": version,
+        "run_id": run_id,
+        "reason": reason[:4000],
+        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+    }
+    key = f"{MOVE_TAG}.{cfg.alias}.{time.time_ns()}.{version}"
+    client.set_registered_model_tag(cfg.model_name, key, json.dumps(move))
+
+
+def alias_history(client, cfg: RegistryConfig) -> list[dict]:
+    """The recorded moves of `cfg.alias`, oldest first."""
+    import json
+
+    tags = client.get_registered_model(cfg.model_name).tags
+    prefix = f"{MOVE_TAG}.{cfg.alias}."
+    moves = [(k, json.loads(v)) for k, v in tags.items() if k.startswith(prefix)]
+    return [m for _, m in sorted(moves, key=lambda kv: int(kv[0][len(prefix) :].split(".")[0]))]
+
+
+def _register(
+    client, cfg, candidates, teacher, test_hash, rescore, teacher_uri, paired, selection, champ, previous_score,
+    versus, partial: Decision,
+):  # fmt: skip
+    """Register the teacher and the candidates (recording each version in `partial` as it appears), then settle
+    the alias; returns (teacher version, promoted, reason, the alias's final holder)."""
+    import mlflow
+
+    lineage: dict[str, str] = {}
+    teacher_version = None
+    if teacher_uri is not None:
+        teacher_tags = {TEST_HASH_TAG: test_hash, **_metric_tags(teacher)}
+        teacher_version = int(mlflow.register_model(teacher_uri, cfg.teacher_model_name, tags=teacher_tags).version)
+        partial.teacher_version = teacher_version
+        lineage = {"kdflow.teacher_model": cfg.teacher_model_name, "kdflow.teacher_version": str(teacher_version)}
+    versions = partial.versions
+    for c in candidates:  # one call per version: each version appears whole (files, run link, tags) or not at all
+        tags = {**c.tags, **lineage, TEST_HASH_TAG: test_hash, **_metric_tags(c.metrics)}
+        mv = mlflow.register_model(c.model_uri, cfg.model_name, tags=tags)
+        versions[c.name] = int(mv.version)
+
+    prev_version = int(champ.version) if champ is not None else None
+    best = selection.best
+    if versus is not None:
+        promoted = versus.diff > 0 and versus.significant(cfg.significance_level)
+        reason = significance_reason(cfg, best, promoted, prev_version, versus)
+    else:
+        promoted = best is not None and beats(best.metrics[cfg.champion_metric], previous_score, cfg.min_improvement)
+        reason = gate_reason(cfg, best, promoted, prev_version, previous_score)
+    final = prev_version
+    if best is not None:  # concurrent pipelines may move the alias meanwhile: settle it (`settle_alias`)
+        known = {prev_version: promoted} if prev_version is not None else {}
+
+        def wins(version: int) -> bool:
+            """The pick beats champion `version` under the gate (the first champion's answer is known)."""
+            if version not in known:
+                other = client.get_model_version(cfg.model_name, str(version))
+                score, vs = _against_champion(cfg, other, best, test_hash, rescore, paired)
+                if vs is not None:
+                    known[version] = vs.diff > 0 and vs.significant(cfg.significance_level)
+                else:
+                    known[version] = beats(best.metrics[cfg.champion_metric], score, cfg.min_improvement)
+            return known[version]
+
+        final = settle_alias(client, cfg, versions[best.name], wins, reason, best.run_id)
+        if promoted and final != versions[best.name]:
+            reason += f"; then champion v{final} of a concurrent pipeline beat it"
+        elif not promoted and final != prev_version:
+            reason += f"; the champion is now v{final}, set by a concurrent pipeline"
+        promoted = final == versions[best.name]
+    return teacher_version, promoted, reason, final
+
+
+def undo(client, cfg: RegistryConfig, decision: Decision) -> None:
+    """Take back what a register step wrote: the alias back to the previous champion when it holds one of the
+    step's versions (recorded as a move), then the step's versions (the teacher's too) deleted. For a step that
+    fails after registering, so no version of a failed run stays behind and the alias never ends on one."""
+    ours = set(decision.versions.values())
+    champ = current_champion(client, cfg)
+    if champ is not None and int(champ.version) in ours:
+        prev = decision.previous_champion
+        if prev is not None:
+            client.set_registered_model_alias(cfg.model_name, cfg.alias, prev)
+        else:
+            client.delete_registered_model_alias(cfg.model_name, cfg.alias)
+        record_move(client, cfg, int(champ.version), prev, "", "undone: the register step failed")
+    for v in sorted(ours):
+        client.delete_model_version(cfg.model_name, str(v))
+    if decision.teacher_version is not None:
+        client.delete_model_version(cfg.teacher_model_name, str(decision.teacher_version))
+
+
 def register_and_promote(
     client,
     cfg: RegistryConfig,
@@ -215,7 +366,6 @@ def register_and_promote(
     over the champion on this run's test images. Both run before anything is written, so a champion that cannot
     be compared leaves the registry untouched.
     """
-    import mlflow
 
     lacking = [c.name for c in candidates if not {cfg.policy.metric, cfg.champion_metric} <= c.metrics.keys()]
     if lacking:  # checked before anything is registered: no half-written decision
@@ -227,34 +377,23 @@ def register_and_promote(
     champ = current_champion(client, cfg)
     previous_score, versus = _against_champion(cfg, champ, selection.best, test_hash, rescore, paired)
 
-    lineage: dict[str, str] = {}
-    teacher_version = None
-    if teacher_uri is not None:
-        teacher_tags = {TEST_HASH_TAG: test_hash, **_metric_tags(teacher)}
-        teacher_version = int(mlflow.register_model(teacher_uri, cfg.teacher_model_name, tags=teacher_tags).version)
-        lineage = {"kdflow.teacher_model": cfg.teacher_model_name, "kdflow.teacher_version": str(teacher_version)}
     versions: dict[str, int] = {}
-    for c in candidates:  # one call per version: each version appears whole (files, run link, tags) or not at all
-        tags = {**c.tags, **lineage, TEST_HASH_TAG: test_hash, **_metric_tags(c.metrics)}
-        mv = mlflow.register_model(c.model_uri, cfg.model_name, tags=tags)
-        versions[c.name] = int(mv.version)
-
-    prev_version = int(champ.version) if champ is not None else None
-    best = selection.best
-    if versus is not None:
-        promoted = versus.diff > 0 and versus.significant(cfg.significance_level)
-        reason = significance_reason(cfg, best, promoted, prev_version, versus)
-    else:
-        promoted = best is not None and beats(best.metrics[cfg.champion_metric], previous_score, cfg.min_improvement)
-        reason = gate_reason(cfg, best, promoted, prev_version, previous_score)
-    if promoted:
-        client.set_registered_model_alias(cfg.model_name, cfg.alias, versions[best.name])
+    partial = Decision(None, False, "", versions, None, int(champ.version) if champ is not None else None, None, {})
+    try:  # all or nothing: a failure takes back this step's versions and any alias move it made
+        teacher_version, promoted, reason, final = _register(
+            client, cfg, candidates, teacher, test_hash, rescore, teacher_uri, paired, selection, champ,
+            previous_score, versus, partial,
+        )  # fmt: skip
+    except BaseException:
+        undo(client, cfg, partial)
+        raise
+    best, prev_version = selection.best, partial.previous_champion
     return Decision(
         selected=best.name if best else None,
         promoted=promoted,
         reason=reason,
         versions=versions,
-        champion_version=versions[best.name] if promoted else prev_version,
+        champion_version=final,
         previous_champion=prev_version,
         previous_score=previous_score,
         rejected=selection.rejected,

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from kdflow import tracking
 from kdflow.config import Config, ConfigError, config_from_json
 
 # kfp.Client reads no token from the environment; this is kdflow's name, in kfp's KF_PIPELINES_* family.
@@ -172,6 +173,12 @@ def run_parameters(spec: dict, overrides: dict[str, str]) -> tuple[dict[str, Any
             params[name] = definition["defaultValue"]
         elif not definition.get("isOptional"):
             raise SubmitError(f"pipeline parameter {name} has no default: pass --param {name}=...")
+    if tracking.split_credentials(str(params.get("tracking_uri", "")))[1] is not None:
+        raise SubmitError(
+            f"run parameter tracking_uri={tracking.redact(str(params['tracking_uri']))!r} carries credentials, which "
+            "a run's parameters would show to everyone: put them in the cluster's secret (MLFLOW_TRACKING_USERNAME, "
+            "MLFLOW_TRACKING_PASSWORD) instead"
+        )
     cfg = None
     if "config_json" in params:
         try:

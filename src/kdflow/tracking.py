@@ -31,6 +31,52 @@ def embedded_tracking_uri(home: Path | None = None) -> str:
     return f"sqlite:///{(home or kdflow_home()) / 'mlflow.db'}"
 
 
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # MLflow's own basic-auth variables
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """`http://user:pw@host:5000/x` → (`http://host:5000/x`, user, pw): a URI that is safe to print, pass on a
+    command line or log, and the user-info to hand over by environment instead (MLflow reads
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD). A URI without user-info comes back unchanged."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if not parts.netloc or "@" not in parts.netloc:
+        return uri, None, None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    clean = urlunsplit(parts._replace(netloc=hostport))
+    return clean, unquote(user) or None, unquote(password) if password else None
+
+
+def redact(text: str) -> str:
+    """`text` with the user-info of every URI in it replaced by `***` (`http://***@host`)."""
+    from kdflow.secrets import redact as _redact
+
+    return _redact(text)
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail within `timeout_s` when an http(s) tracking server does not answer its health endpoint (a stopped
+    server, a wrong port or host), naming the URI without credentials; other stores are checked where opened."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    clean, _, _ = split_credentials(uri)
+    try:
+        with urllib.request.urlopen(clean.rstrip("/") + "/health", timeout=timeout_s) as resp:
+            if resp.status >= 500:
+                raise ConnectionError(f"HTTP {resp.status}")
+    except urllib.error.HTTPError as err:  # 4xx (auth, a proxy without /health): something answers there
+        if err.code >= 500:
+            raise ConnectionError(f"MLflow tracking server {clean} answered HTTP {err.code}") from None
+    except (OSError, ConnectionError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConnectionError(f"MLflow tracking server {clean} is not reachable ({reason})") from None
+
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """Explicit URI, else $MLFLOW_TRACKING_URI, else the embedded SQLite store."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri()
@@ -142,10 +188,13 @@ def reopen(run_id: str) -> Iterator:
 
 def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
     """Log params to the active run, or to `run_id` without touching its status (a run still training stays
-    RUNNING: a pod killed mid-training then leaves it RUNNING for the exit handler to mark FAILED)."""
+    RUNNING: a pod killed mid-training then leaves it RUNNING for the exit handler to mark FAILED). Credentials
+    are redacted (`kdflow.secrets.scrub`: URIs' user-info, values under secret-looking keys)."""
     import mlflow
 
-    clipped = {k: str(v)[:6000] for k, v in params.items()}
+    from kdflow.secrets import scrub
+
+    clipped = {k: str(scrub(v, k))[:6000] for k, v in params.items()}
     if run_id is None:
         mlflow.log_params(clipped)
         return

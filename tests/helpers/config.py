@@ -16,5 +16,6 @@ def tiny_overrides(**extra) -> dict:
         "distill.losses": [{"name": "kd", "kind": "kd"}, {"name": "ce", "kind": "ce"}],
         "distill.train": {"epochs": 2, "epoch_over": "target"},
         "evaluate.latency_repeats": 3,
+        "registry.settle_seconds": 0.0,  # one writer at a time: a read after the write is enough
         **extra,
     }

@@ -13,6 +13,7 @@ import torch
 from kdflow.config import DataConfig
 from kdflow.data.sources import ImageSet
 from kdflow.data.splits import build_tasks, split_task
+from kdflow.errors import DataError
 
 SPLITS = ("train", "val", "test")
 TASKS = ("source", "target")
@@ -32,7 +33,15 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     origins: dict[str, dict] = {}  # s3:// lineage of the very copies read (another run may refresh the cache)
     source, target = build_tasks(cfg, seed, origins)
+    for task, ds in (("source", source), ("target", target)):
+        check_labels(
+            ds, f"{task} task ({cfg.source if task == 'source' or cfg.setup != 'cross_dataset' else cfg.target})"
+        )
     splits = {"source": split_task(source, cfg, "source", seed), "target": split_task(target, cfg, "target", seed)}
+    for task, parts in splits.items():
+        present = len(torch.unique(parts["train"].y))
+        if present < 2:
+            raise DataError(f"{task} train split holds {present} class: training needs images of at least 2 classes")
 
     train_x = splits["source"]["train"].x.float() / 255.0  # normalisation the teacher first learns with
     mean = train_x.mean(dim=(0, 2, 3)).tolist()
@@ -63,6 +72,22 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ reading it back
+
+
+def check_labels(ds: ImageSet, what: str) -> None:
+    """Labels within [0, number of classes) and at least 2 classes with images, else a DataError naming the
+    task, its source and the bad value; checked in data prep, before any training."""
+    if len(ds.y) == 0:
+        raise DataError(f"{what}: no images")
+    n = len(ds.classes) if ds.classes else int(ds.y.max()) + 1
+    low, high = int(ds.y.min()), int(ds.y.max())
+    if low < 0 or high >= n:
+        bad = low if low < 0 else high
+        raise DataError(f"{what}: label {bad} is out of range for its {n} classes (labels must be 0 to {n - 1})")
+    present = torch.unique(ds.y).tolist()
+    if len(present) < 2:
+        name = ds.classes[present[0]] if ds.classes else present[0]
+        raise DataError(f"{what}: only one class ({name!r}) has images; classification needs at least 2")
 
 
 def read_manifest(data_dir: str | Path) -> dict:

@@ -44,6 +44,51 @@ _CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one dataset fetch may bring in: total image bytes, image files and bytes per file (an archive is
+    checked on its members' declared sizes before anything is extracted, a tree on its listing before anything
+    is downloaded, and an archive object itself against `total_bytes`). Operators set them by environment:
+    KDFLOW_S3_MAX_BYTES, KDFLOW_S3_MAX_FILES, KDFLOW_S3_MAX_FILE_BYTES."""
+
+    total_bytes: int = 64 << 30
+    files: int = 5_000_000
+    file_bytes: int = 256 << 20
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        out = {}
+        for field, var in (("total_bytes", "MAX_BYTES"), ("files", "MAX_FILES"), ("file_bytes", "MAX_FILE_BYTES")):
+            raw = os.environ.get(f"KDFLOW_S3_{var}")
+            if raw is None:
+                continue
+            if not raw.isdigit() or int(raw) < 1:
+                raise DataError(f"KDFLOW_S3_{var}={raw!r}: expected a whole number of 1 or more")
+            out[field] = int(raw)
+        return cls(**out)
+
+    def check(self, uri: str, sizes: dict[str, int], what: str) -> None:
+        """Refuse a fetch whose files (name → bytes) exceed a limit, naming the limit and the largest file."""
+        if len(sizes) > self.files:
+            raise DataError(
+                f"{uri}: {what} holds {len(sizes):,} image files, over the limit of {self.files:,} "
+                "(KDFLOW_S3_MAX_FILES)"
+            )
+        if sizes:
+            name, biggest = max(sizes.items(), key=lambda kv: kv[1])
+            if biggest > self.file_bytes:
+                raise DataError(
+                    f"{uri}: {what} member {name!r} is {biggest:,} bytes, over the per-file limit of "
+                    f"{self.file_bytes:,} (KDFLOW_S3_MAX_FILE_BYTES)"
+                )
+        total = sum(sizes.values())
+        if total > self.total_bytes:
+            raise DataError(
+                f"{uri}: {what} holds {total:,} bytes of images, over the limit of {self.total_bytes:,} "
+                "(KDFLOW_S3_MAX_BYTES)"
+            )
+
+
+@dataclass(frozen=True)
 class Location:
     """A parsed `s3://bucket/key` URI; `key` is a prefix ending in '/' (or empty) for a tree."""
 
@@ -227,7 +272,7 @@ def _fetch_tree(s3, loc: Location, final: Path, page_size: int) -> Fetched:
 
 def _list_images(s3, loc: Location, page_size: int) -> dict[str, tuple[str, str]]:
     """Image objects under the prefix that sit inside a class folder, by key; unsafe keys are an error."""
-    listing, seen, loose = {}, 0, 0
+    listing, sizes, seen, loose = {}, {}, 0, 0
     pages = s3.get_paginator("list_objects_v2").paginate(
         Bucket=loc.bucket, Prefix=loc.key, PaginationConfig={"PageSize": page_size}
     )
@@ -245,6 +290,7 @@ def _list_images(s3, loc: Location, page_size: int) -> dict[str, tuple[str, str]
                 loose += 1  # ImageFolder reads class folders only
                 continue
             listing[key] = ("/".join(parts), obj["ETag"].strip('"'))
+            sizes[key] = int(obj.get("Size", 0))
     if not listing:
         if not seen:
             raise DataError(f"{loc.uri}: no objects under this prefix (empty, or a typo in the prefix?)")
@@ -253,11 +299,18 @@ def _list_images(s3, loc: Location, page_size: int) -> dict[str, tuple[str, str]
             f"{loc.uri}: none of its {seen} objects is an image in a class folder "
             f"({loc.key}<class>/<name>{'|'.join(IMAGE_EXTENSIONS)}){where}"
         )
+    Limits.from_env().check(loc.uri, sizes, "the prefix")  # before any download
     return listing
 
 
 def _fetch_archive(s3, loc: Location, final: Path) -> Fetched:
-    etag = s3.head_object(Bucket=loc.bucket, Key=loc.key)["ETag"].strip('"')
+    head = s3.head_object(Bucket=loc.bucket, Key=loc.key)
+    etag, limits = head["ETag"].strip('"'), Limits.from_env()
+    if int(head.get("ContentLength", 0)) > limits.total_bytes:
+        raise DataError(
+            f"{loc.uri}: the archive is {int(head['ContentLength']):,} bytes, over the limit of "
+            f"{limits.total_bytes:,} (KDFLOW_S3_MAX_BYTES)"
+        )
     old = read_marker(final, loc.canonical)
     if old and old["kind"] == "archive" and old["objects"].get(loc.key, {}).get("etag") == etag:
         return Fetched(final / old["root"], lineage(old), [])
@@ -389,6 +442,7 @@ def _extract_tar(archive: Path, dest: Path, uri: str) -> int:
                 raise DataError(f"{uri}: archive member {m.name!r} is unsafe ({err})") from None
             if m.isfile() and _wanted(parts):
                 chosen.append(m)
+        Limits.from_env().check(uri, {m.name: m.size for m in chosen}, "the archive")  # before extracting
         tar.extractall(dest, members=chosen, filter="data")
     return len(chosen)
 
@@ -398,7 +452,9 @@ def _extract_zip(archive: Path, dest: Path, uri: str) -> int:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
         checked = [(i, _safe_parts(i.filename, f"{uri}: archive member {i.filename!r}")) for i in infos]
-        for info, parts in checked:
+        wanted = {i.filename: i.file_size for i, parts in checked if not i.is_dir() and _wanted(parts)}
+        Limits.from_env().check(uri, wanted, "the archive")  # declared sizes, before extracting; zipfile reads
+        for info, parts in checked:  # no more than a member declares
             if info.is_dir() or not _wanted(parts):
                 continue
             target = dest.joinpath(*parts)

@@ -56,8 +56,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file (MNIST's format), gzipped or not."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, OSError) as err:  # a cut or corrupt download
+        raise DataError(f"{path}: unreadable ({type(err).__name__}: {err or 'truncated'})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path} is not an IDX file (bad magic {raw[:4]!r})")
     dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}.get(raw[2])
@@ -108,7 +111,11 @@ def load_usps(directory: str | Path) -> ImageSet:
         raise DataError(f"no usps.bz2 or usps.t.bz2 in {d}")
     xs, ys = [], []
     for train in present:
-        ds = USPS(str(d), train=train, download=False)
+        try:
+            ds = USPS(str(d), train=train, download=False)
+        except (EOFError, OSError, ValueError, IndexError) as err:  # a cut bz2 file or a malformed line
+            name = "usps.bz2" if train else "usps.t.bz2"
+            raise DataError(f"{d / name}: unreadable ({type(err).__name__}: {err or 'truncated'})") from None
         xs.append(np.asarray(ds.data, dtype=np.uint8))
         ys.append(np.asarray(ds.targets, dtype=np.int64))
     x = torch.from_numpy(np.concatenate(xs)).unsqueeze(1).contiguous()

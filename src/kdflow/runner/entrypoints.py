@@ -31,6 +31,33 @@ def _timed(step: str):
     return wrap
 
 
+PERMANENT_TAG = "kdflow.permanent_error"  # parent-run tag prefix: `<prefix>.<step>[.<iteration>]` -> the error
+
+
+class NotRetried(ValueError):
+    """A retry of a step whose earlier attempt failed with a permanent error: it fails at once, without work."""
+
+
+def _guarded(ctx, step: str, call, iteration: str = ""):
+    """Run one step attempt: refuse at once when an earlier attempt of the same step (and loop iteration) of this
+    pipeline run failed permanently, and record a permanent failure (a ValueError: config, data, model) on the
+    parent run for the next attempt. KFP retries every failure alike (its retry policy reads no exit codes),
+    so a retried attempt of a bad config or data set costs only this check."""
+    import hashlib
+
+    from kdflow import tracking
+
+    key = f"{PERMANENT_TAG}.{step}" + (f".{hashlib.sha1(iteration.encode()).hexdigest()[:10]}" if iteration else "")
+    earlier = tracking.client().get_run(ctx.parent_id).data.tags.get(key)
+    if earlier is not None:
+        raise NotRetried(f"not retried: an earlier attempt failed permanently: {earlier}")
+    try:
+        return call()
+    except ValueError as err:
+        tracking.set_tags_on(ctx.parent_id, {key: f"{type(err).__name__}: {err}"[:4900]})
+        raise
+
+
 def _context(config_json: str, tracking_uri: str, pipeline_run_id: str, pipeline_run_name: str):
     from kdflow.steps.context import StepContext  # deferred: torch and MLflow load in the step, not at import
 
@@ -58,15 +85,20 @@ def teacher(*, data: str, teacher: str, **run: str) -> dict:
     from kdflow.steps.teacher import train_teacher
 
     ctx = _context(**run)
-    record_data(ctx, data)  # data prep is store-free (cacheable): the first step after it logs it
-    return train_teacher(ctx, data, teacher)
+
+    def call():
+        record_data(ctx, data)  # data prep is store-free (cacheable): the first step after it logs it
+        return train_teacher(ctx, data, teacher)
+
+    return _guarded(ctx, "teacher", call)
 
 
 @_timed("prune")
 def prune(*, data: str, teacher: str, pruned: str, **run: str) -> list[dict]:
     from kdflow.steps.prune import prune_teacher
 
-    return prune_teacher(_context(**run), data, teacher, pruned)
+    ctx = _context(**run)
+    return _guarded(ctx, "prune", lambda: prune_teacher(ctx, data, teacher, pruned))
 
 
 @_timed("distill")
@@ -74,14 +106,16 @@ def distill(*, candidates: str, data: str, teacher: str, pruned: str, student: s
     from kdflow.steps.distill import distill as distill_step
 
     names = [n.strip() for n in candidates.split(",") if n.strip()]
-    return distill_step(_context(**run), names, data, teacher, pruned, student)
+    ctx = _context(**run)
+    return _guarded(ctx, "distill", lambda: distill_step(ctx, names, data, teacher, pruned, student), candidates)
 
 
 @_timed("evaluate")
 def evaluate(*, data: str, teacher: str, student: str, report: str, **run: str) -> list[dict]:
     from kdflow.steps.evaluate import evaluate_candidates
 
-    return evaluate_candidates(_context(**run), data, teacher, student, report)
+    ctx = _context(**run)
+    return _guarded(ctx, "evaluate", lambda: evaluate_candidates(ctx, data, teacher, student, report), student)
 
 
 @_timed("register")

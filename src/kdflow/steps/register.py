@@ -46,40 +46,46 @@ def register(
         tracking.set_tags_on(ctx.parent_id, {WEAK_TEACHER_TAG: "true"})
         print(f"{tracking.PROGRESS_PREFIX} {ev.weak_teacher_reason}", flush=True)
     val_images = manifest["tasks"]["target"]["counts"]["val"]
-    with ctx.child("register", "register") as run:
-        decision = registry.register_and_promote(
-            tracking.client(),
-            cfg.registry,
-            candidates,
-            teacher_info["metrics"],
-            manifest["target_test_hash"],
-            rescore,
-            teacher_uri=teacher_info["model_uri"],
-            val_images=val_images,
-            paired=pairing(test, logits_of, {s.name: s.correct[0] for s in scored}),  # the registered seed
-        )
-        summary = {
-            "decision": asdict(decision),
-            "evidence": ev.summary(),
-            "teacher": {"version": decision.teacher_version, **teacher_info["metrics"]},
-            "candidates": {
-                c.name: {"version": decision.versions[c.name], **c.metrics, **_chose(c)} for c in candidates
-            },
-            "model_name": cfg.registry.model_name,
-            "policy": cfg.registry.policy.model_dump(),
-        }
-        tracking.log_dict(summary, "decision.json")
-        tracking.set_tags(
-            {
-                "kdflow.promoted": str(decision.promoted),
-                "kdflow.selected": str(decision.selected),
-                WEAK_TEACHER_TAG: str(ev.weak_teacher).lower(),
+    decision = None
+    try:  # all or nothing: if anything after the registration fails, its versions and alias move are undone
+        with ctx.child("register", "register") as run:
+            decision = registry.register_and_promote(
+                tracking.client(),
+                cfg.registry,
+                candidates,
+                teacher_info["metrics"],
+                manifest["target_test_hash"],
+                rescore,
+                teacher_uri=teacher_info["model_uri"],
+                val_images=val_images,
+                paired=pairing(test, logits_of, {s.name: s.correct[0] for s in scored}),  # the registered seed
+            )
+            summary = {
+                "decision": asdict(decision),
+                "evidence": ev.summary(),
+                "teacher": {"version": decision.teacher_version, **teacher_info["metrics"]},
+                "candidates": {
+                    c.name: {"version": decision.versions[c.name], **c.metrics, **_chose(c)} for c in candidates
+                },
+                "model_name": cfg.registry.model_name,
+                "policy": cfg.registry.policy.model_dump(),
             }
-        )
-        tracking.log_metrics({"promoted": float(decision.promoted)})
-        summary["register_run_id"] = run.info.run_id
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_path).write_text(json.dumps(summary, indent=1))
+            tracking.log_dict(summary, "decision.json")
+            tracking.set_tags(
+                {
+                    "kdflow.promoted": str(decision.promoted),
+                    "kdflow.selected": str(decision.selected),
+                    WEAK_TEACHER_TAG: str(ev.weak_teacher).lower(),
+                }
+            )
+            tracking.log_metrics({"promoted": float(decision.promoted)})
+            summary["register_run_id"] = run.info.run_id
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(summary, indent=1))
+    except BaseException:
+        if decision is not None:  # (a failure inside register_and_promote undid its own writes)
+            registry.undo(tracking.client(), cfg.registry, decision)
+        raise
     return summary
 
 

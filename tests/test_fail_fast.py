@@ -1,0 +1,123 @@
+"""Bad input to `kdflow run` that can be known before training fails in seconds, with one line naming it and a
+non-zero exit, and nothing written: no home, no store, no run. Credentials in a tracking URI are never printed."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kdflow import tracking
+
+SECRET = "s3cr3t-pw-4242"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+def _kdflow(*args: str, cwd: Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    base = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", *tracking.CREDENTIAL_ENV)}
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdflow.cli", "run", *args],
+        capture_output=True, text=True, cwd=cwd, env={**base, **(env or {})}, timeout=120,
+    )  # fmt: skip
+    return proc, time.monotonic() - t0
+
+
+def test_split_credentials_and_redact():
+    assert tracking.split_credentials("http://alice:pw%40x@mlflow:5000/a") == ("http://mlflow:5000/a", "alice", "pw@x")
+    assert tracking.split_credentials("https://tok@host") == ("https://host", "tok", None)
+    assert tracking.split_credentials("sqlite:////tmp/x.db") == ("sqlite:////tmp/x.db", None, None)
+    assert tracking.split_credentials("http://host:5000") == ("http://host:5000", None, None)
+    assert tracking.redact("see http://u:p@h:1/x and s3://k:s@b/o") == "see http://***@h:1/x and s3://***@b/o"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "distill.train.epochs=[1"], "error: --set 'distill.train.epochs=[1': the value is not valid YAML"),
+        (["--set", "registry.alias=latest"], "registry.alias: Value error, MLflow reserves the alias 'latest'"),
+        (["--set", "registry.model_name=team/student"], "MLflow model names cannot contain '/' or ':'"),
+        (["--home", "{file}"], "error: --home {file}: not a directory"),
+        (
+            ["--tracking-uri", "http://alice:" + SECRET + "@127.0.0.1:{port}"],
+            "error: MLflow tracking server http://127.0.0.1:{port} is not reachable",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_input_fails_in_seconds_naming_it_and_writes_nothing(tmp_path, args, message):
+    file, port = tmp_path / "a-file", _free_port()
+    file.write_text("not a folder")
+    fill = {"file": str(file), "port": str(port)}
+    proc, took = _kdflow(*[a.format(**fill) for a in args], cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert message.format(**fill) in " ".join(out.split()), out
+    assert "Traceback" not in out and SECRET not in out
+    assert took < 30  # the interpreter and imports; no training, no store
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no kdflow-home, no mlflow.db
+
+
+def test_credentials_in_the_tracking_uri_move_to_the_environment(monkeypatch):
+    """What `kdflow run` hands its steps: the URI without user-info, the user-info in MLflow's variables."""
+    from typer.testing import CliRunner
+
+    from kdflow import cli
+
+    seen = {}
+
+    def fake_run_local(cfg, home, uri, verbose):
+        seen["uri"] = uri
+        seen["env"] = {v: os.environ.get(v) for v in tracking.CREDENTIAL_ENV}
+        raise SystemExit(0)
+
+    monkeypatch.setattr("kdflow.pipelines.local.run_local", fake_run_local)
+    monkeypatch.setattr(tracking, "check_reachable", lambda uri, timeout_s=10.0: None)
+    for var in tracking.CREDENTIAL_ENV:
+        monkeypatch.delenv(var, raising=False)
+    result = CliRunner().invoke(cli.app, ["run", "--tracking-uri", f"http://alice:{SECRET}@mlflow.example:5000"])
+    assert seen == {
+        "uri": "http://mlflow.example:5000",
+        "env": {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": SECRET},
+    }
+    assert SECRET not in result.output and "MLflow at http://mlflow.example:5000" in " ".join(result.output.split())
+
+
+def test_credentials_in_config_values_never_reach_mlflow_params():
+    from kdflow import secrets
+    from kdflow.config import load_config
+
+    cfg = load_config(
+        None,
+        {
+            "data.root": f"https://reader:{SECRET}@files.example/datasets",
+            "distill.students": [{"name": "s", "arch": "cnn", "arch_kwargs": {"width": 4, "api_token": SECRET}}],
+        },
+    )
+    flat = cfg.flat()
+    assert SECRET not in json.dumps(flat)
+    assert flat["data.root"] == "https://***@files.example/datasets"
+    assert '"api_token": "' + SECRET not in flat["distill.students"]
+    assert secrets.redact_value("teacher.arch_kwargs.password", "x") == "***"
+    assert secrets.redact_value("data.source", "s3://bucket/key") == "s3://bucket/key"
+
+
+def test_log_params_redacts(monkeypatch):
+    import mlflow
+
+    from kdflow import tracking
+
+    sent = {}
+    monkeypatch.setattr(mlflow, "log_params", lambda params: sent.update(params))
+    tracking.log_params({"student.arch_kwargs": {"secret_key": SECRET}, "data.source": f"http://u:{SECRET}@h/x"})
+    assert SECRET not in json.dumps(sent) and sent["data.source"] == "http://***@h/x"
