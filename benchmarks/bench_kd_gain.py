@@ -133,6 +133,16 @@ def check_targets(name: str, summary: dict) -> list[dict[str, Any]]:
         out.append(
             {"target": "cnn8: best distilled >= +1 point over ce", "measured": g["diff"], "met": g["diff"] >= 0.01}
         )
+    if name == "mnist_to_usps" and summary["decision"]["selected"]:
+        # the champion against the teacher: the registered (first-seed) model's own test score, the pipeline's
+        # MACs and batch-1 latency (benchmarks/bench_champion.py measures latency more carefully)
+        t, c = summary["teacher"], cands[summary["decision"]["selected"]]
+        gap = t["test_top1"] - c["test_top1"]
+        out.append({"target": "champion within 1 point of the teacher (test)", "measured": -gap, "met": gap <= 0.01})
+        macs = t["macs"] / c["macs"]
+        out.append({"target": "champion >= 5x fewer MACs", "measured": macs, "met": macs >= 5})
+        speed = t["latency_ms_b1"] / c["latency_ms_b1"]
+        out.append({"target": "champion >= 3x lower batch-1 latency", "measured": speed, "met": speed >= 3})
     return out
 
 
