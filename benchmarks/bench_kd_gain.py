@@ -53,10 +53,10 @@ TARGETS = {
 
 def grid_sets(config: Path | None, seeds: int, quick: bool) -> list[str]:
     """The `--set` overrides: seeds, the extended loss grid and the search."""
-    if config is None:
-        from kdflow.config import Config
+    if config is None:  # the built-in run's grid (not the schema's defaults)
+        from kdflow.config import load_config
 
-        losses = [loss.model_dump(mode="json") for loss in Config().distill.losses]
+        losses = [loss.model_dump(mode="json") for loss in load_config().distill.losses]
     else:
         losses = yaml.safe_load(config.read_text())["distill"]["losses"]
     have = {(loss["kind"], bool(loss.get("standardize"))) for loss in losses}

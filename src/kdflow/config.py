@@ -264,7 +264,8 @@ class SearchConfig(_Section):
     temperature: tuple[float, float] = (1.0, 8.0)  # [low, high], sampled log-uniformly like lam and beta
     alpha: tuple[float, float] = (0.1, 1.0)  # uniform; α = 0 is the plain-CE variant every search has
     lam: tuple[float, float] = (0.01, 10.0)
-    beta: tuple[float, float] = (0.5, 8.0)
+    beta: tuple[float, float] = (0.5, 8.0)  # DKD's NCKD weight and DIST's inter-class weight
+    gamma: tuple[float, float] = (0.5, 8.0)  # DIST's intra-class weight
     sampler: Literal["tpe", "random"] = "tpe"
 
     @field_validator("kinds")
@@ -285,7 +286,7 @@ class SearchConfig(_Section):
             raise ValueError("search transfer must list at least one of target, source, both")
         return _distinct(transfer, "search transfer sets")
 
-    @field_validator("temperature", "alpha", "lam", "beta")
+    @field_validator("temperature", "alpha", "lam", "beta", "gamma")
     @classmethod
     def _range(cls, bounds: tuple[float, float]) -> tuple[float, float]:
         low, high = bounds
@@ -309,7 +310,7 @@ class SearchConfig(_Section):
         """How many distinct settings the space holds when every range a kind reads is a single value (None: a
         range of real values, so as many as wanted). Mirrors `kdflow.search` draws."""
         ranges = {"kd": ("temperature", "alpha"), "logit_mse": ("lam",), "dkd": ("temperature", "alpha", "beta"),
-                  "dist": ("temperature", "beta")}  # fmt: skip
+                  "dist": ("temperature", "beta", "gamma")}  # fmt: skip
         if any(getattr(self, r)[0] != getattr(self, r)[1] for k in self.kinds for r in ranges[k]):
             return None
         total = 1  # plain CE
@@ -384,8 +385,9 @@ class DistillConfig(_Section):
                 raise ValueError(f"distill.{what} names must be unique, repeated: {dup}")
         if not self.students or not self.losses:
             raise ValueError("distill.students and distill.losses must each list at least one entry")
-        if self.search is not None and self.search.name in {l.name for l in self.losses}:
-            raise ValueError(f"distill.search.name {self.search.name!r} is also the name of a loss")
+        taken = {l.name for l in self.losses} | {"ce", "ce_baseline"}  # (the names a ce baseline may be given)
+        if self.search is not None and self.search.name in taken:
+            raise ValueError(f"distill.search.name {self.search.name!r} is also the name of a loss or a ce baseline")
         return self
 
 
@@ -423,7 +425,8 @@ class RegistryConfig(_Section):
 
     model_name: str = Field("kdflow-digits-student", min_length=1, max_length=256)
     teacher_model_name: str = Field("kdflow-digits-teacher", min_length=1, max_length=256)
-    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", max_length=255)
+    # (200, not MLflow's 255: the alias is part of the registered-model tag keys of its move history)
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", max_length=200)
     champion_metric: Literal["test_top1", "test_top5"] = "test_top1"
     min_improvement: float = Field(0.0, ge=0.0, le=1.0)
     # "improvement": the pick becomes champion when its champion_metric beats the champion's by more than

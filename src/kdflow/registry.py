@@ -207,28 +207,40 @@ def settle_alias(
     reason: str,
     run_id: str = "",
     poll_s: tuple[float, float] = POLL_S,
+    max_writes: int = 50,
 ) -> int | None:
     """Point `cfg.alias` at `version` while it beats whatever holds the alias, until the alias has stayed put
-    for `cfg.settle_seconds`; return the version holding it then.
+    for `cfg.settle_seconds` after this step's last write; return the version holding it then.
 
     MLflow has no compare-and-swap on aliases, so two pipelines that read the champion and then write the alias
-    can lose each other's update (the lower of two new picks written last). Each pipeline therefore keeps
-    re-reading after it writes: a pick that beats the alias's holder writes again; one that does not stops
-    writing. Every write raises the champion past what its writer read, so the writes stop, and a pipeline
-    watches for `settle_seconds` after its own last write, far longer than the read-to-write gap of another, so a
-    stale write it could be hurt by lands while it still watches. The alias ends on a pick no other pick beats.
+    can lose each other's update (the lower of two new picks written last). So: the comparison with the holder
+    (`wins`, which may rescore a model) comes first, then the alias is read again and written only if the same
+    version still holds it, which shrinks the read-to-write gap to two requests; and every step keeps re-reading
+    after it writes: a pick that beats the holder writes again, one that does not stops. Every write raises the
+    champion past what its writer read, so the writes stop, and a step watches for `settle_seconds` after its
+    last write, far longer than another step's read-to-write gap, so a stale write lands while it still watches.
+    Two first writes at once hit the store's unique key: the loser reads again. After `max_writes` writes the
+    alias is contested (pipelines that each score the other higher, e.g. on different test splits): an error.
     Only the REST API is used. Each move is recorded on the registered model (`record_move`)."""
     import random
     import time
 
     from mlflow.exceptions import MlflowException
 
-    rng = random.Random()
-    last_write, collisions = time.monotonic(), 0
-    while True:
+    def holder_now() -> int | None:
         champ = current_champion(client, cfg)
-        holder = int(champ.version) if champ is not None else None
-        if holder != version and (holder is None or wins(holder)):
+        return int(champ.version) if champ is not None else None
+
+    rng = random.Random()
+    last_write, writes, collisions = time.monotonic(), 0, 0
+    while True:
+        holder = holder_now()
+        if holder != version and (holder is None or wins(holder)) and holder_now() == holder:
+            if writes >= max_writes:
+                raise RuntimeError(
+                    f"alias {cfg.alias!r} of {cfg.model_name!r} is contested: written {writes} times by this step "
+                    "and taken back each time (concurrent pipelines scoring each other higher?)"
+                )
             try:
                 client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
             except MlflowException as err:  # two first writes at once: the store's unique key refuses one
@@ -237,6 +249,7 @@ def settle_alias(
                     raise
                 time.sleep(rng.uniform(*poll_s))
                 continue  # read again: the other write landed
+            writes += 1
             record_move(client, cfg, holder, version, run_id, reason)
             last_write = time.monotonic()
         elif time.monotonic() - last_write >= cfg.settle_seconds:
@@ -318,32 +331,59 @@ def _register(
                     known[version] = beats(best.metrics[cfg.champion_metric], score, cfg.min_improvement)
             return known[version]
 
-        final = settle_alias(client, cfg, versions[best.name], wins, reason, best.run_id)
-        if promoted and final != versions[best.name]:
+        mine = versions[best.name]
+        move = f"{best.name} ({cfg.champion_metric}={best.metrics[cfg.champion_metric]:.4f}) beats the holder"
+        final = settle_alias(client, cfg, mine, wins, move, best.run_id)
+        if final == mine and not promoted:
+            reason += "; meanwhile a concurrent pipeline moved the alias to a version this pick beats, so it holds it"
+        elif final != mine and promoted:
             reason += f"; then champion v{final} of a concurrent pipeline beat it"
-        elif not promoted and final != prev_version:
+        elif final != mine and final != prev_version:
             reason += f"; the champion is now v{final}, set by a concurrent pipeline"
-        promoted = final == versions[best.name]
+        promoted = final == mine
     return teacher_version, promoted, reason, final
 
 
 def undo(client, cfg: RegistryConfig, decision: Decision) -> None:
-    """Take back what a register step wrote: the alias back to the previous champion when it holds one of the
-    step's versions (recorded as a move), then the step's versions (the teacher's too) deleted. For a step that
-    fails after registering, so no version of a failed run stays behind and the alias never ends on one."""
+    """Take back what a register step wrote: the alias back to where this step's own last move took it from
+    (when it still holds one of the step's versions and that version still exists; else the alias is
+    removed), then the step's versions (the teacher's too) deleted. Each part is tried on its own, so one that
+    fails does not keep the versions of a failed run in the registry. For a step that fails after registering."""
+    import warnings
+
     ours = set(decision.versions.values())
-    champ = current_champion(client, cfg)
-    if champ is not None and int(champ.version) in ours:
-        prev = decision.previous_champion
-        if prev is not None:
-            client.set_registered_model_alias(cfg.model_name, cfg.alias, prev)
+
+    def attempt(what: str, fn) -> None:
+        try:
+            fn()
+        except Exception as err:  # keep going: the caller re-raises the step's own error
+            warnings.warn(f"undoing the register step: {what} failed: {err}", stacklevel=3)
+
+    def restore() -> None:
+        champ = current_champion(client, cfg)
+        if champ is None or int(champ.version) not in ours:
+            return  # the alias is not on this step's versions: nothing to take back
+        moves = [m for m in alias_history(client, cfg) if m["version"] in ours]
+        back = moves[-1]["previous_version"] if moves else decision.previous_champion
+        if back is not None and back not in ours:
+            try:
+                client.get_model_version(cfg.model_name, str(back))
+            except Exception:
+                back = None  # deleted meanwhile (another step's undo)
+        if back is not None:
+            client.set_registered_model_alias(cfg.model_name, cfg.alias, back)
         else:
             client.delete_registered_model_alias(cfg.model_name, cfg.alias)
-        record_move(client, cfg, int(champ.version), prev, "", "undone: the register step failed")
+        record_move(client, cfg, int(champ.version), back, "", "undone: the register step failed")
+
+    attempt("restoring the alias", restore)
     for v in sorted(ours):
-        client.delete_model_version(cfg.model_name, str(v))
+        attempt(f"deleting version {v}", lambda v=v: client.delete_model_version(cfg.model_name, str(v)))
     if decision.teacher_version is not None:
-        client.delete_model_version(cfg.teacher_model_name, str(decision.teacher_version))
+        attempt(
+            "deleting the teacher version",
+            lambda: client.delete_model_version(cfg.teacher_model_name, str(decision.teacher_version)),
+        )
 
 
 def register_and_promote(

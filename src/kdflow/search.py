@@ -78,7 +78,7 @@ def _suggest(trial, space: SearchConfig, name: str, has_source: bool) -> LossCon
     if kind in ("dkd", "dist"):
         fields["beta"] = trial.suggest_float("beta", *space.beta, log=True)
     if kind == "dist":
-        fields["gamma"] = trial.suggest_float("gamma", *space.beta, log=True)
+        fields["gamma"] = trial.suggest_float("gamma", *space.gamma, log=True)
     return LossConfig(**fields)
 
 

@@ -173,7 +173,7 @@ def run_parameters(spec: dict, overrides: dict[str, str]) -> tuple[dict[str, Any
             params[name] = definition["defaultValue"]
         elif not definition.get("isOptional"):
             raise SubmitError(f"pipeline parameter {name} has no default: pass --param {name}=...")
-    if tracking.split_credentials(str(params.get("tracking_uri", "")))[1] is not None:
+    if any(part is not None for part in tracking.split_credentials(str(params.get("tracking_uri", "")))[1:]):
         raise SubmitError(
             f"run parameter tracking_uri={tracking.redact(str(params['tracking_uri']))!r} carries credentials, which "
             "a run's parameters would show to everyone: put them in the cluster's secret (MLFLOW_TRACKING_USERNAME, "

@@ -34,27 +34,36 @@ def _timed(step: str):
 PERMANENT_TAG = "kdflow.permanent_error"  # parent-run tag prefix: `<prefix>.<step>[.<iteration>]` -> the error
 
 
-class NotRetried(ValueError):
+class NotRetried(RuntimeError):
     """A retry of a step whose earlier attempt failed with a permanent error: it fails at once, without work."""
 
 
 def _guarded(ctx, step: str, call, iteration: str = ""):
     """Run one step attempt: refuse at once when an earlier attempt of the same step (and loop iteration) of this
-    pipeline run failed permanently, and record a permanent failure (a ValueError: config, data, model) on the
-    parent run for the next attempt. KFP retries every failure alike (its retry policy reads no exit codes),
-    so a retried attempt of a bad config or data set costs only this check."""
+    pipeline run failed permanently, and record a permanent failure (kdflow's ConfigError, DataError or
+    ModelError: the input's fault) on the parent run for the next attempt. Anything else (a node without the
+    GPUs asked for, a store hiccup, a worker that died) stays retryable. KFP retries every failure alike (its
+    retry policy reads no exit codes), so a retried attempt of a bad config or data set costs only this check."""
     import hashlib
 
     from kdflow import tracking
+    from kdflow.errors import ConfigError, DataError, ModelError
+    from kdflow.secrets import redact
 
     key = f"{PERMANENT_TAG}.{step}" + (f".{hashlib.sha1(iteration.encode()).hexdigest()[:10]}" if iteration else "")
-    earlier = tracking.client().get_run(ctx.parent_id).data.tags.get(key)
+    try:
+        earlier = tracking.client().get_run(ctx.parent_id).data.tags.get(key)
+    except Exception:  # the store hiccuped: unknown, so the attempt goes ahead
+        earlier = None
     if earlier is not None:
         raise NotRetried(f"not retried: an earlier attempt failed permanently: {earlier}")
     try:
         return call()
-    except ValueError as err:
-        tracking.set_tags_on(ctx.parent_id, {key: f"{type(err).__name__}: {err}"[:4900]})
+    except (ConfigError, DataError, ModelError) as err:  # the input's fault, not the node's: the same next time
+        try:
+            tracking.set_tags_on(ctx.parent_id, {key: redact(f"{type(err).__name__}: {err}")[:4900]})
+        except Exception:
+            pass  # unrecorded: a retry then runs again, as before
         raise
 
 

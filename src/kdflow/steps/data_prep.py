@@ -5,6 +5,7 @@ from __future__ import annotations
 from kdflow import data, tracking
 from kdflow.config import Config
 from kdflow.runtime import timing
+from kdflow.secrets import scrub
 from kdflow.steps.context import StepContext
 
 
@@ -26,5 +27,5 @@ def record_data(ctx: StepContext, data_dir: str) -> None:
             {f"{t}_{s}_count": n for t in data.TASKS for s, n in manifest["tasks"][t]["counts"].items()}
         )
         tracking.log_dict(manifest, "manifest.json")
-        tracking.log_dict(ctx.cfg.model_dump(mode="json"), "config.json")
+        tracking.log_dict(scrub(ctx.cfg.model_dump(mode="json")), "config.json")  # credentials masked
         tracking.set_tags({"kdflow.data_hash": manifest["content_hash"]})
