@@ -64,9 +64,16 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 
     if not uri.startswith(("http://", "https://")):
         return
+    import ssl
+
     clean, _, _ = split_credentials(uri)
+    context = None
+    if clean.startswith("https://"):  # the TLS settings MLflow's own client honours
+        context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(clean.rstrip("/") + "/health", timeout=timeout_s) as resp:
+        with urllib.request.urlopen(clean.rstrip("/") + "/health", timeout=timeout_s, context=context) as resp:
             if resp.status >= 500:
                 raise ConnectionError(f"HTTP {resp.status}")
     except urllib.error.HTTPError as err:  # 4xx (auth, a proxy without /health): something answers there
