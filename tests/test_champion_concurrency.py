@@ -1,6 +1,6 @@
 """One champion, the right one: several pipelines' register steps at once against a real `mlflow server` on
-127.0.0.1 (through its REST API only), same model name. In every trial the alias ends on the best pick, every
-register step's decision says so, and every move of the alias is recorded on the registered model."""
+127.0.0.1 (through its REST API only), same model name. In every trial the alias ends on the best pick, the best
+pick's decision says so, and every move of the alias is recorded on the registered model."""
 
 from __future__ import annotations
 
@@ -91,11 +91,16 @@ def test_concurrent_register_steps_leave_the_alias_on_the_best_pick(tracking_at)
         holder = int(client.get_model_version_by_alias(cfg.model_name, cfg.alias).version)
         if holder != expected:
             wrong.append((trial, holder, expected))
-        assert {d.champion_version for d in decisions.values()} == {holder}  # every decision reports the end
-        assert sum(d.promoted for d in decisions.values()) == (holder != 1 or start is None)
-        history = registry.alias_history(client, cfg)
-        assert history[-1]["version"] == holder and history[-1]["alias"] == "champion"
+            continue
+        history = registry.alias_history(client, cfg)  # (moves at once are recorded in either order)
+        held = {m["version"] for m in history}
+        assert holder in held and {m["alias"] for m in history} == {"champion"}
         assert all(m["previous_version"] != m["version"] for m in history)
+        # each decision reports the holder when its step stopped watching: one the alias really had, and the
+        # best pick's step (which watches until no one else writes) reports the end
+        assert all(d.champion_version in held for d in decisions.values())
+        if start is None or scores[best] > start:
+            assert decisions[best].promoted and decisions[best].champion_version == holder
         moves += len(history)
     assert wrong == []  # 0 wrong champions in TRIALS trials
     assert moves >= TRIALS  # the alias moved in every trial (and its history says so)

@@ -560,13 +560,20 @@ def test_prepare_records_s3_lineage_and_matches_local_sources(env, tree_a, tree_
     }
     assert json.loads((tmp_path / "r" / "manifest.json").read_text()) == remote
 
-    # class_split: both tasks come from the one s3 source, and both record it
+    # class_split: both tasks come from the one s3 source (both trees' six classes), and both record it
+    both = tmp_path / "both" / "digits"
+    for tree in (tree_a, tree_b):
+        for p in _files(tree):
+            if p.parent != tree:
+                (both / p.relative_to(tree)).parent.mkdir(parents=True, exist_ok=True)
+                (both / p.relative_to(tree)).write_bytes(p.read_bytes())
+    c.put_object(Bucket="prep", Key="ab.zip", Body=_zip(both))
     split = data.prepare(
         DataConfig(
-            source="s3://prep/b.zip",
+            source="s3://prep/ab.zip",
             setup="class_split",
-            source_classes=[0],
-            target_classes=[1, 2],
+            source_classes=[0, 1],
+            target_classes=[2, 3, 4],
             image_size=8,
             channels=1,
             root=str(tmp_path / "cache"),
@@ -574,10 +581,9 @@ def test_prepare_records_s3_lineage_and_matches_local_sources(env, tree_a, tree_
         0,
         tmp_path / "s",
     )
-    assert split["tasks"]["source"]["classes"] == ["3"] and split["tasks"]["target"]["classes"] == ["4", "5"]
-    assert (
-        split["tasks"]["source"]["origin"] == split["tasks"]["target"]["origin"] == remote["tasks"]["target"]["origin"]
-    )
+    assert split["tasks"]["source"]["classes"] == ["0", "1"] and split["tasks"]["target"]["classes"] == ["2", "3", "4"]
+    assert split["tasks"]["source"]["origin"] == split["tasks"]["target"]["origin"]
+    assert split["tasks"]["source"]["origin"]["uri"] == "s3://prep/ab.zip"
 
 
 def test_s3_uris_pass_through_local_path_resolution(tmp_path):

@@ -202,26 +202,25 @@ MOVE_TAG = "kdflow.alias_move"  # registered-model tag prefix of the alias's his
 def settle_alias(
     client,
     cfg: RegistryConfig,
-    version: int,
-    wins: Callable[[int], bool],
+    choose: Callable[[int | None], int | None],
     reason: str,
     run_id: str = "",
     poll_s: tuple[float, float] = POLL_S,
     max_writes: int = 50,
 ) -> int | None:
-    """Point `cfg.alias` at `version` while it beats whatever holds the alias, until the alias has stayed put
-    for `cfg.settle_seconds` after this step's last write; return the version holding it then.
+    """Keep `cfg.alias` on `choose(holder)`, the version it should hold given its holder, until the alias has
+    stayed put for `cfg.settle_seconds` after this step's last write; return the version holding it then.
 
     MLflow has no compare-and-swap on aliases, so two pipelines that read the champion and then write the alias
-    can lose each other's update (the lower of two new picks written last). So: the comparison with the holder
-    (`wins`, which may rescore a model) comes first, then the alias is read again and written only if the same
-    version still holds it, which shrinks the read-to-write gap to two requests; and every step keeps re-reading
-    after it writes: a pick that beats the holder writes again, one that does not stops. Every write raises the
-    champion past what its writer read, so the writes stop, and a step watches for `settle_seconds` after its
-    last write, far longer than another step's read-to-write gap, so a stale write lands while it still watches.
-    Two first writes at once hit the store's unique key: the loser reads again. After `max_writes` writes the
-    alias is contested (pipelines that each score the other higher, e.g. on different test splits): an error.
-    Only the REST API is used. Each move is recorded on the registered model (`record_move`)."""
+    can lose each other's update: the lower of two new picks written last, by a step starved between its read
+    and its write. So the choice (which may rescore a model) comes first, then the alias is read again and
+    written only if the same version still holds it, which shrinks the read-to-write gap to two requests; every
+    step keeps re-reading after it writes; and `choose` (`register_and_promote`) weighs not only this step's
+    pick but every version that held the alias since this step started (its move history), so the step that
+    wrote last puts back a better pick that a stale write displaced, whoever's it is, even once that pick's own
+    step has stopped watching. Two first writes at once hit the store's unique key: the loser reads again.
+    After `max_writes` writes the alias is contested (pipelines that each score the other higher, e.g. on
+    different test splits): an error. Only the REST API is used. Each move is recorded (`record_move`)."""
     import random
     import time
 
@@ -235,14 +234,19 @@ def settle_alias(
     last_write, writes, collisions = time.monotonic(), 0, 0
     while True:
         holder = holder_now()
-        if holder != version and (holder is None or wins(holder)) and holder_now() == holder:
+        target = choose(holder)
+        if target is not None and target != holder:
+            if holder_now() != holder:  # moved while choosing: choose again
+                last_write = time.monotonic()  # (and watch on: someone is writing)
+                time.sleep(rng.uniform(*poll_s))
+                continue
             if writes >= max_writes:
                 raise RuntimeError(
                     f"alias {cfg.alias!r} of {cfg.model_name!r} is contested: written {writes} times by this step "
                     "and taken back each time (concurrent pipelines scoring each other higher?)"
                 )
             try:
-                client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
+                client.set_registered_model_alias(cfg.model_name, cfg.alias, target)
             except MlflowException as err:  # two first writes at once: the store's unique key refuses one
                 collisions += 1
                 if collisions > 20 or "UNIQUE" not in str(err).upper() and "DUPLICATE" not in str(err).upper():
@@ -250,7 +254,7 @@ def settle_alias(
                 time.sleep(rng.uniform(*poll_s))
                 continue  # read again: the other write landed
             writes += 1
-            record_move(client, cfg, holder, version, run_id, reason)
+            record_move(client, cfg, holder, target, run_id, reason)
             last_write = time.monotonic()
         elif time.monotonic() - last_write >= cfg.settle_seconds:
             return holder
@@ -283,13 +287,15 @@ def alias_history(client, cfg: RegistryConfig) -> list[dict]:
 
     tags = client.get_registered_model(cfg.model_name).tags
     prefix = f"{MOVE_TAG}.{cfg.alias}."
-    moves = [(k, json.loads(v)) for k, v in tags.items() if k.startswith(prefix)]
-    return [m for _, m in sorted(moves, key=lambda kv: int(kv[0][len(prefix) :].split(".")[0]))]
+    moves = [
+        {**json.loads(v), "ns": int(k[len(prefix) :].split(".")[0])} for k, v in tags.items() if k.startswith(prefix)
+    ]
+    return sorted(moves, key=lambda m: m["ns"])
 
 
 def _register(
     client, cfg, candidates, teacher, test_hash, rescore, teacher_uri, paired, selection, champ, previous_score,
-    versus, partial: Decision,
+    versus, partial: Decision, started_ns: int = 0,
 ):  # fmt: skip
     """Register the teacher and the candidates (recording each version in `partial` as it appears), then settle
     the alias; returns (teacher version, promoted, reason, the alias's final holder)."""
@@ -333,7 +339,33 @@ def _register(
 
         mine = versions[best.name]
         move = f"{best.name} ({cfg.champion_metric}={best.metrics[cfg.champion_metric]:.4f}) beats the holder"
-        final = settle_alias(client, cfg, mine, wins, move, best.run_id)
+        scores = {prev_version: previous_score} if prev_version is not None else {}
+
+        def score(v: int) -> float:
+            """A version's champion_metric on this run's test split (stored, or rescored)."""
+            if v not in scores:
+                other = client.get_model_version(cfg.model_name, str(v))
+                scores[v] = _against_champion(cfg, other, None, test_hash, rescore, paired)[0]
+            return scores[v]
+
+        def choose(holder: int | None) -> int | None:
+            """The best version that held the alias since this step began (the holder among them; ties keep the
+            holder), or this step's pick when it beats that one under the gate."""
+            from mlflow.exceptions import MlflowException
+
+            held = {m["version"] for m in alias_history(client, cfg) if m["ns"] >= started_ns}
+            rivals = []
+            for v in sorted({v for v in held | {holder} if v is not None and v != mine}):
+                try:
+                    rivals.append((score(v), v == holder, v))
+                except MlflowException:  # deleted meanwhile (a failed step's undo): no rival
+                    continue
+            front = max(rivals)[2] if rivals else None
+            if front is None or wins(front):
+                return mine
+            return front
+
+        final = settle_alias(client, cfg, choose, move, best.run_id)
         if final == mine and not promoted:
             reason += "; meanwhile a concurrent pipeline moved the alias to a version this pick beats, so it holds it"
         elif final != mine and promoted:
@@ -417,12 +449,15 @@ def register_and_promote(
     champ = current_champion(client, cfg)
     previous_score, versus = _against_champion(cfg, champ, selection.best, test_hash, rescore, paired)
 
+    import time
+
+    started_ns = time.time_ns()  # the alias moves from here on are this step's contest (`settle_alias`)
     versions: dict[str, int] = {}
     partial = Decision(None, False, "", versions, None, int(champ.version) if champ is not None else None, None, {})
     try:  # all or nothing: a failure takes back this step's versions and any alias move it made
         teacher_version, promoted, reason, final = _register(
             client, cfg, candidates, teacher, test_hash, rescore, teacher_uri, paired, selection, champ,
-            previous_score, versus, partial,
+            previous_score, versus, partial, started_ns,
         )  # fmt: skip
     except BaseException:
         undo(client, cfg, partial)
