@@ -11,6 +11,7 @@ import re
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import IO
 
@@ -73,9 +74,62 @@ def run_local(cfg: Config, home: Path, tracking_uri: str | None = None, verbose:
     os.environ.setdefault(TELEMETRY_ENV, "true")
     # kfp.local runs up to two loop iterations at once: each gets its share of the cores (steps read this)
     os.environ.setdefault(cpus.PARALLEL_THREADS_ENV, str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLELISM)))
-    with home_lock(home), stepserver.StepServer(home / "logs" / "step-server.log"):  # warms up meanwhile
+    run_id = uuid.uuid4().hex
+    with (
+        _env(tracking.LOCAL_RUN_ENV, run_id),  # the steps tag the parent run with it
+        home_lock(home),
+        stepserver.StepServer(home / "logs" / "step-server.log"),  # warms up meanwhile
+    ):
+        active = home / ACTIVE_FILE
         tracking.ensure_experiment(cfg.experiment, uri)  # creates the SQLite store once, before steps race for it
-        return _run(cfg, home, uri, verbose)
+        close_dead_run(active)  # we hold the lock: a run that left its record behind was killed
+        active.write_text(json.dumps({"local_run": run_id, "pid": os.getpid(), "experiment": cfg.experiment}))
+        try:
+            return _run(cfg, home, uri, verbose)
+        finally:
+            active.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """`name=value` in this process's environment (which the steps inherit) for the block, then as it was."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+ACTIVE_FILE = ".kdflow-active-run.json"  # the running local run on a home; left behind only when it was killed
+
+
+def close_dead_run(active: Path) -> list[str]:
+    """The runs a killed `kdflow run` on this home left RUNNING (its record still there while no run holds the
+    home's lock), ended FAILED with a reason naming it; the record is removed."""
+    if not active.exists():
+        return []
+    try:
+        dead = json.loads(active.read_text())
+        reason = (
+            f"the kdflow run (pid {dead['pid']}) that started it ended without closing it (killed?); "
+            "closed by the next run on its home"
+        )
+        closed = tracking.close_orphans(dead["experiment"], dead["local_run"], reason)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"{tracking.PROGRESS_PREFIX} could not read the record of an earlier run ({err}); ignored", flush=True)
+        closed = []
+    if closed:
+        print(
+            f"{tracking.PROGRESS_PREFIX} an earlier kdflow run on this home was killed: marked its {len(closed)} "
+            f"unfinished MLflow runs FAILED ({', '.join(closed)})",
+            flush=True,
+        )
+    active.unlink(missing_ok=True)
+    return closed
 
 
 LOCK_FILE = ".kdflow-run.lock"

@@ -19,6 +19,9 @@ PIPELINE_RUN_TAG = "kdflow.pipeline_run_id"
 STEP_TAG = "kdflow.step"
 PIPELINE_STEP = "pipeline"  # STEP_TAG value of the parent run; children carry their own step name
 HOME_ENV = "KDFLOW_HOME"
+LOCAL_RUN_ENV = "KDFLOW_LOCAL_RUN"  # set by a local `kdflow run` for its steps: its id
+LOCAL_RUN_TAG = "kdflow.local_run"  # on the parent run of a local run: that id
+FAILURE_TAG = "kdflow.failure_reason"
 PROGRESS_PREFIX = "[kdflow]"
 
 
@@ -137,9 +140,10 @@ def parent_run_id(experiment_id: str, pipeline_run_id: str, run_name: str, param
     )
     if found:
         return found[0].info.run_id
-    run = client.create_run(
-        experiment_id, run_name=run_name, tags={PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: PIPELINE_STEP}
-    )
+    tags = {PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: PIPELINE_STEP}
+    if os.environ.get(LOCAL_RUN_ENV):  # a local `kdflow run`: the next run on its home can close what it left
+        tags[LOCAL_RUN_TAG] = os.environ[LOCAL_RUN_ENV]
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     for chunk in _chunks(list(params.items()), 100):
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in chunk])
     return run.info.run_id
@@ -366,3 +370,26 @@ def load_pytorch_model(model_uri: str):
     import mlflow.pytorch
 
     return mlflow.pytorch.load_model(model_uri)
+
+
+def close_orphans(experiment: str, local_run: str, reason: str) -> list[str]:
+    """End as FAILED, with `reason` as their `kdflow.failure_reason` tag, the runs a dead local run left RUNNING:
+    its parent run (found by its `kdflow.local_run` tag) and that parent's children. Returns their names."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{LOCAL_RUN_TAG}` = '{local_run}'")
+    closed = []
+    for parent in parents:
+        children = client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=10_000
+        )
+        for run in [*children, parent]:
+            if run.info.status == "RUNNING":
+                client.set_tag(run.info.run_id, FAILURE_TAG, reason)
+                client.set_terminated(run.info.run_id, "FAILED")
+                closed.append(run.info.run_name)
+    return closed
