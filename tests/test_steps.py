@@ -19,7 +19,7 @@ from kdflow.config import Config, load_config
 from kdflow.errors import ConfigError
 from kdflow.models import checkpoint, count_params
 from kdflow.steps import distill as distill_step
-from kdflow.steps.context import GROUP_FILE, INFO_FILE, StepContext, pruned_dir, read_info
+from kdflow.steps.context import GROUP_FILE, INFO_FILE, StepContext, pruned_dir, read_info, seed_dir
 from kdflow.steps.data_prep import prepare_data, record_data
 from kdflow.steps.distill import distill
 from kdflow.steps.evaluate import evaluate_candidates
@@ -353,7 +353,7 @@ def test_several_seeds_train_score_and_pair_every_candidate_per_seed(pipeline, d
         first, _ = checkpoint.load(out / name)
         again, _ = checkpoint.load(one_seed / name)
         assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
-        second, _ = checkpoint.load(distill_step.seed_dir(out / name, 1))
+        second, _ = checkpoint.load(seed_dir(out / name, 1))
         pair = [evaluate.predict(m, val.x, norm) for m in (first, second)]
         tests = [evaluate.predict(m, test.x, norm).argmax(1) == test.y for m in (first, second)]
         expected[name] = ([evaluate.accuracy(p, val.y) for p in pair], tests)

@@ -293,6 +293,54 @@ def alias_history(client, cfg: RegistryConfig) -> list[dict]:
     return sorted(moves, key=lambda m: m["ns"])
 
 
+def _gate(cfg: RegistryConfig, best: Candidate, score: float | None, versus: Gain | None) -> bool:
+    """The gate's verdict on `best` against a champion scoring `score` on this run's test split (under the
+    significance gate, `versus`: the pick's paired gain over it)."""
+    if versus is not None:
+        return versus.diff > 0 and versus.significant(cfg.significance_level)
+    return beats(best.metrics[cfg.champion_metric], score, cfg.min_improvement)
+
+
+def _chooser(client, cfg, best, mine, test_hash, rescore, paired, started_ns, first):
+    """`choose(holder)` for `settle_alias`: the best version that held the alias since this step began (the
+    holder among them; ties keep the holder), or this step's pick `mine` when it beats that one under the gate.
+    `first` = (version, score, verdict) of the champion the step started from, already judged. Versions are
+    read once; a rival's score is cheap (stored, or rescored once), the gate's verdict is taken for the front
+    rival only (under the significance gate it pairs predictions)."""
+    from mlflow.exceptions import MlflowException
+
+    fetched: dict[int, object] = {}
+    scores, verdicts = ({first[0]: first[1]}, {first[0]: first[2]}) if first else ({}, {})
+
+    def version(v: int):
+        if v not in fetched:
+            fetched[v] = client.get_model_version(cfg.model_name, str(v))
+        return fetched[v]
+
+    def score(v: int) -> float:
+        if v not in scores:
+            scores[v] = _against_champion(cfg, version(v), None, test_hash, rescore, paired)[0]
+        return scores[v]
+
+    def beaten(v: int) -> bool:
+        if v not in verdicts:
+            verdicts[v] = _gate(cfg, best, *_against_champion(cfg, version(v), best, test_hash, rescore, paired))
+        return verdicts[v]
+
+    def choose(holder: int | None) -> int | None:
+        held = {m["version"] for m in alias_history(client, cfg) if m["ns"] >= started_ns}
+        rivals = []
+        for v in sorted({v for v in held | {holder} if v is not None and v != mine}):
+            try:
+                rivals.append((score(v), v == holder, v))
+            except MlflowException:  # deleted meanwhile (a failed step's undo): no rival
+                continue
+        front = max(rivals)[2] if rivals else None
+        return mine if front is None or beaten(front) else front
+
+    return choose
+
+
 def _register(
     client, cfg, candidates, teacher, test_hash, rescore, teacher_uri, paired, selection, champ, previous_score,
     versus, partial: Decision, started_ns: int = 0,
@@ -316,55 +364,17 @@ def _register(
 
     prev_version = int(champ.version) if champ is not None else None
     best = selection.best
+    promoted = best is not None and _gate(cfg, best, previous_score, versus)
     if versus is not None:
-        promoted = versus.diff > 0 and versus.significant(cfg.significance_level)
         reason = significance_reason(cfg, best, promoted, prev_version, versus)
     else:
-        promoted = best is not None and beats(best.metrics[cfg.champion_metric], previous_score, cfg.min_improvement)
         reason = gate_reason(cfg, best, promoted, prev_version, previous_score)
     final = prev_version
     if best is not None:  # concurrent pipelines may move the alias meanwhile: settle it (`settle_alias`)
-        known = {prev_version: promoted} if prev_version is not None else {}
-
-        def wins(version: int) -> bool:
-            """The pick beats champion `version` under the gate (the first champion's answer is known)."""
-            if version not in known:
-                other = client.get_model_version(cfg.model_name, str(version))
-                score, vs = _against_champion(cfg, other, best, test_hash, rescore, paired)
-                if vs is not None:
-                    known[version] = vs.diff > 0 and vs.significant(cfg.significance_level)
-                else:
-                    known[version] = beats(best.metrics[cfg.champion_metric], score, cfg.min_improvement)
-            return known[version]
-
         mine = versions[best.name]
         move = f"{best.name} ({cfg.champion_metric}={best.metrics[cfg.champion_metric]:.4f}) beats the holder"
-        scores = {prev_version: previous_score} if prev_version is not None else {}
-
-        def score(v: int) -> float:
-            """A version's champion_metric on this run's test split (stored, or rescored)."""
-            if v not in scores:
-                other = client.get_model_version(cfg.model_name, str(v))
-                scores[v] = _against_champion(cfg, other, None, test_hash, rescore, paired)[0]
-            return scores[v]
-
-        def choose(holder: int | None) -> int | None:
-            """The best version that held the alias since this step began (the holder among them; ties keep the
-            holder), or this step's pick when it beats that one under the gate."""
-            from mlflow.exceptions import MlflowException
-
-            held = {m["version"] for m in alias_history(client, cfg) if m["ns"] >= started_ns}
-            rivals = []
-            for v in sorted({v for v in held | {holder} if v is not None and v != mine}):
-                try:
-                    rivals.append((score(v), v == holder, v))
-                except MlflowException:  # deleted meanwhile (a failed step's undo): no rival
-                    continue
-            front = max(rivals)[2] if rivals else None
-            if front is None or wins(front):
-                return mine
-            return front
-
+        first = (prev_version, previous_score, promoted) if prev_version is not None else None
+        choose = _chooser(client, cfg, best, mine, test_hash, rescore, paired, started_ns, first)
         final = settle_alias(client, cfg, choose, move, best.run_id)
         if final == mine and not promoted:
             reason += "; meanwhile a concurrent pipeline moved the alias to a version this pick beats, so it holds it"

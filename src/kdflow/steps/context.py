@@ -91,6 +91,15 @@ def pruned_dir(root: str | Path, ratio: float) -> Path:
     return Path(root) / f"ratio-{ratio:g}"
 
 
+SEEDS_DIR = "seeds"  # a candidate's models under its further training seeds: <candidate>/seeds/<seed>/
+
+
+def seed_dir(cdir: str | Path, seed: int) -> Path:
+    """Where a candidate's model under a further training seed (`distill.seeds`) lies: written by distill,
+    scored by evaluate."""
+    return Path(cdir) / SEEDS_DIR / str(seed)
+
+
 def write_group(student_dir: str | Path, names: list[str]) -> None:
     Path(student_dir).mkdir(parents=True, exist_ok=True)
     (Path(student_dir) / GROUP_FILE).write_text(json.dumps(names))

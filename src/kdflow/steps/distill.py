@@ -14,7 +14,16 @@ from kdflow.engine.loop import FitResult, Student, fit_many
 from kdflow.engine.teacher_outputs import TeacherOutputs
 from kdflow.models import checkpoint, zoo
 from kdflow.runtime import cpus, timing
-from kdflow.steps.context import StepContext, log_servable, pruned_dir, read_info, splits, write_group, write_info
+from kdflow.steps.context import (
+    StepContext,
+    log_servable,
+    pruned_dir,
+    read_info,
+    seed_dir,
+    splits,
+    write_group,
+    write_info,
+)
 from kdflow.steps.teacher import load_teacher_outputs
 
 
@@ -247,13 +256,6 @@ def _save(
     if len(seeds) > 1:
         info["seeds"] = seeds
     write_info(cdir, info)
-
-
-SEEDS_DIR = "seeds"  # a candidate's models under its further training seeds: <candidate>/seeds/<seed>/
-
-
-def seed_dir(cdir: str | Path, seed: int) -> Path:
-    return Path(cdir) / SEEDS_DIR / str(seed)
 
 
 def _save_seed(t: _Trainee, model, result: FitResult, seed: int, cdir: Path) -> None:

@@ -11,7 +11,7 @@ from kdflow import data, evaluate, tracking
 from kdflow.evaluate import predict
 from kdflow.models import checkpoint
 from kdflow.runtime import cpus, timing
-from kdflow.steps.context import StepContext, candidate_dirs, profile, read_info, splits
+from kdflow.steps.context import StepContext, candidate_dirs, profile, read_info, seed_dir, splits
 
 VAL_KEYS = ("val_top1", "val_top5", "val_loss")  # what the selection policy may read of the validation split
 
@@ -74,8 +74,6 @@ def seed_metrics(cdir, seeds: list[int], metrics: dict, tgt: dict, norm, classes
     it), with `val_top1_std`; the test metrics stay the first seed's model's (the one registered and gated),
     with `test_top1_mean` and `test_top1_std` over the seeds beside them. Returns the further seeds'
     per-image test correctness, in `seeds` order."""
-    from kdflow.steps.distill import seed_dir
-
     val = {k: [metrics[k]] for k in VAL_KEYS if k in metrics}
     test, correct = [metrics["test_top1"]], []
     for seed in seeds[1:]:
