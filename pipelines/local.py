@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import IO
 from kdflow import tracking
 from kdflow.config import Config
 from kdflow.runner import stepserver
-from kdflow.runtime import cpus, filelock
+from kdflow.runtime import cpus, filelock, procs
 from kdflow.tracking import PROGRESS_PREFIX
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -39,7 +40,7 @@ class ProgressLog(io.TextIOBase):
 
     def __init__(self, path: Path, console: IO[str], verbose: bool = False):
         self.path, self.console, self.verbose = path, console, verbose
-        self.file = path.open("w")
+        self.file = path.open("w", buffering=1)  # line-buffered: an interrupted run's log ends where it stopped
         self.lock = threading.Lock()  # kfp.local prints from one thread per parallel loop iteration
 
     def write(self, text: str) -> int:
@@ -62,10 +63,15 @@ class ProgressLog(io.TextIOBase):
         return "".join(self.path.read_text().splitlines(keepends=True)[-n:])
 
 
-def run_local(cfg: Config, home: Path, tracking_uri: str | None = None, verbose: bool = False) -> dict:
+def run_local(
+    cfg: Config, home: Path, tracking_uri: str | None = None, verbose: bool = False, resume: bool = False
+) -> dict:
     """Run the pipeline locally; return the registration step's summary (decision, teacher, candidates).
 
-    The full step logs go to <home>/logs/; the console shows progress only (all of it with `verbose`)."""
+    The full step logs go to <home>/logs/; the console shows progress only (all of it with `verbose`).
+    SIGINT (Ctrl-C) or SIGTERM stops the run at once (`Interrupt`). With `resume`, the run continues the last
+    run on `home` that did not succeed (`plan_resume`): its finished steps are reused and an interrupted
+    training step continues from its epoch checkpoint."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "logs").mkdir(exist_ok=True)
     uri = tracking_uri or tracking.embedded_tracking_uri(home)
@@ -78,16 +84,26 @@ def run_local(cfg: Config, home: Path, tracking_uri: str | None = None, verbose:
     with (
         _env(tracking.LOCAL_RUN_ENV, run_id),  # the steps tag the parent run with it
         home_lock(home),
-        stepserver.StepServer(home / "logs" / "step-server.log"),  # warms up meanwhile
+        stepserver.StepServer(home / "logs" / "step-server.log") as server,  # warms up meanwhile
     ):
         active = home / ACTIVE_FILE
         tracking.ensure_experiment(cfg.experiment, uri)  # creates the SQLite store once, before steps race for it
         close_dead_run(active)  # we hold the lock: a run that left its record behind was killed
-        active.write_text(json.dumps({"local_run": run_id, "pid": os.getpid(), "experiment": cfg.experiment}))
+        plan = plan_resume(home, cfg) if resume else None
+        record = {"local_run": run_id, "pid": os.getpid(), "experiment": cfg.experiment}
+        active.write_text(json.dumps(record))
+        last = LastRun(home, {**record, "config": cfg.model_dump(mode="json"), "status": "running", "resumes": plan})
         try:
-            return _run(cfg, home, uri, verbose)
+            with _env(tracking.RESUME_ENV, json.dumps(plan)) if plan else contextlib.nullcontext():
+                with Interrupt(server, cfg.experiment, run_id, last, home):
+                    summary = _run(cfg, home, uri, verbose)
+        except BaseException:
+            last.update(status="failed")
+            raise
         finally:
             active.unlink(missing_ok=True)
+        last.update(status="succeeded")
+        return summary
 
 
 @contextlib.contextmanager
@@ -130,6 +146,132 @@ def close_dead_run(active: Path) -> list[str]:
         )
     active.unlink(missing_ok=True)
     return closed
+
+
+LAST_FILE = ".kdflow-last-run.json"  # the latest local run on a home and how it ended: what --resume continues
+
+
+class ResumeError(ValueError):
+    """`--resume` has nothing to continue, or would continue it with another config."""
+
+
+class LastRun:
+    """The record of the latest local run on a home (`LAST_FILE`): its id, experiment, config and status."""
+
+    def __init__(self, home: Path, record: dict):
+        self.path, self.record = home / LAST_FILE, record
+        self._write()
+
+    def update(self, **fields) -> None:
+        self.record.update(fields)
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.record))
+        os.replace(tmp, self.path)
+
+    @staticmethod
+    def read(home: Path) -> dict | None:
+        path = home / LAST_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+def recorded_config(home: Path) -> Config | None:
+    """The config of the latest local run on `home` (what `kdflow run --resume` continues with), if recorded."""
+    last = LastRun.read(home)
+    return Config.model_validate(last["config"]) if last else None
+
+
+def plan_resume(home: Path, cfg: Config) -> dict:
+    """What a resumed run continues: the KFP run id and name of the last run on `home` that did not succeed
+    (failed, interrupted or killed), and its folder under the local pipeline root. The steps read it from the
+    environment (`tracking.RESUME_ENV`). Refused when there is no such run or `cfg` is not its config."""
+    last = LastRun.read(home)
+    if last is None:
+        raise ResumeError(f"--resume: no earlier kdflow run on {home} to continue")
+    if last["status"] == "succeeded":
+        raise ResumeError(f"--resume: the last kdflow run on {home} finished; there is nothing to continue")
+    if cfg.model_dump(mode="json") != last["config"]:
+        key = _first_difference(cfg.model_dump(mode="json"), last["config"])
+        raise ResumeError(f"--resume: {key} differs from the interrupted run's config; resume it without -c/--set")
+    parent = tracking.find_local_parent(last["experiment"], last["local_run"])
+    if parent is None and last.get("resumes"):  # a resumed run stopped before it took over the parent run
+        parent = last["resumes"]["pipeline_run_id"], last["resumes"]["run_name"]
+    if parent is None:  # it stopped before its first step opened the pipeline's MLflow run
+        raise ResumeError(f"--resume: the last kdflow run on {home} stopped before its first training step")
+    pipeline_run_id, run_name = parent
+    run_dir = home / "pipeline-root" / run_name
+    if not run_dir.is_dir():
+        raise ResumeError(f"--resume: the interrupted run's folder {run_dir} is gone")
+    print(f"{tracking.PROGRESS_PREFIX} resuming the interrupted run {run_name}", flush=True)
+    root = str(home / "pipeline-root")
+    return {"pipeline_run_id": pipeline_run_id, "run_name": run_name, "run_dir": str(run_dir), "root": root}
+
+
+def _first_difference(a, b, prefix: str = "") -> str:
+    """The first dotted key where two config dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+    return prefix or "the config"
+
+
+class Interrupt:
+    """SIGINT (Ctrl-C) and SIGTERM while a local run runs: stop it within seconds, never retrying a step.
+
+    The handler does it all itself rather than unwinding through kfp.local (whose loop runner would wait for,
+    and even start, further iterations): every process the run started is killed (the KFP executors, the step
+    server and the steps it forked), the run's open MLflow runs end KILLED with the signal as the reason, the
+    run's records and the step server's socket are removed, and the process exits 130 (SIGINT) or 143
+    (SIGTERM); the home's lock goes with the process. `kdflow run --resume` then continues the run."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    DEADLINE_S = 8.0  # however the store answers, the process is gone by then
+
+    def __init__(self, server: stepserver.StepServer, experiment: str, local_run: str, last: LastRun, home: Path):
+        self.server, self.experiment, self.local_run, self.last, self.home = server, experiment, local_run, last, home
+        self.before: dict = {}
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.before = {s: signal.signal(s, self._stop) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.before.items():
+            signal.signal(s, handler)
+
+    def _stop(self, signum: int, _frame) -> None:
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        name = signal.Signals(signum).name
+        code = 128 + signum
+        watchdog = threading.Timer(self.DEADLINE_S, lambda: os._exit(code))
+        watchdog.daemon = True
+        watchdog.start()
+        procs.kill_tree()
+        self.server.close(f"the kdflow run was interrupted by {name}")  # a step started meanwhile fails at once
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # a server that does not answer must not hold us
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+        reason = f"interrupted by {name}; continue it with `kdflow run --resume --home {self.home}`"
+        try:
+            closed = tracking.close_orphans(self.experiment, self.local_run, reason, status="KILLED")
+        except Exception as err:  # the store is unreachable: the next run on the home closes them
+            closed = []
+            print(f"could not mark the MLflow runs KILLED ({type(err).__name__}: {err})", file=sys.__stderr__)
+        self.last.update(status="interrupted")
+        (self.home / ACTIVE_FILE).unlink(missing_ok=True)
+        print(
+            f"\ninterrupted by {name}: stopped the run's processes, marked {len(closed)} MLflow runs KILLED; "
+            f"continue it with: kdflow run --resume --home {self.home}",
+            file=sys.__stderr__,
+            flush=True,
+        )
+        procs.kill_tree()  # and any process started while this ran
+        sys.__stdout__.flush()
+        os._exit(code)
 
 
 LOCK_FILE = ".kdflow-run.lock"

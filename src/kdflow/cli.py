@@ -63,14 +63,26 @@ def run(
         None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded store)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the steps' full logs, not just progress."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the last run on --home that did not finish (interrupted, killed or failed), with its "
+        "config: finished steps are reused, an interrupted training step goes on from its last epoch checkpoint.",
+    ),
 ) -> None:
-    """Run the whole pipeline locally (kfp.local), log to MLflow and promote a champion."""
-    from kdflow.pipelines.local import PipelineFailed, run_local
+    """Run the whole pipeline locally (kfp.local), log to MLflow and promote a champion. Ctrl-C stops it within
+    seconds (exit 130; 143 on SIGTERM); --resume continues it."""
+    from kdflow.pipelines.local import PipelineFailed, ResumeError, recorded_config, run_local
 
-    cfg = _load(config, set_).with_local_paths(Path.cwd())
     home = (home or tracking.kdflow_home()).expanduser().resolve()
     if home.exists() and not home.is_dir():
         raise _fail(f"--home {home}: not a directory")
+    if resume and config is None and not set_:  # the interrupted run's own config
+        cfg = recorded_config(home) if home.is_dir() else None
+        if cfg is None:
+            raise _fail(f"--resume: no earlier kdflow run on {home} to continue")
+    else:
+        cfg = _load(config, set_).with_local_paths(Path.cwd())
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.embedded_tracking_uri(home)
     # credentials in the URI travel by environment (MLflow's basic-auth variables), never on a command line
     uri, user, password = tracking.split_credentials(uri)
@@ -87,7 +99,9 @@ def run(
         f"{' → ' + cfg.data.target if cfg.data.target else ''}, {n} candidates; MLflow at {uri}"
     )
     try:
-        summary = run_local(cfg, home, uri, verbose)
+        summary = run_local(cfg, home, uri, verbose, resume)
+    except ResumeError as err:
+        raise _fail(err) from None
     except PipelineFailed as err:
         console.print(f"[red]pipeline failed:[/red] {escape(str(err))}", soft_wrap=True)
         raise typer.Exit(1) from None

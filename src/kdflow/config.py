@@ -410,6 +410,17 @@ class EvalConfig(_Section):
         return _distinct(sizes, "latency batch sizes")
 
 
+class CheckpointConfig(_Section):
+    """Epoch checkpoints of the teacher and distill steps' training (`kdflow.engine.resume`): a step killed
+    mid-training (a preempted GPU node, `kill -9`, a crash) continues from its last one when it is retried or the
+    local run is resumed (`kdflow run --resume`). They are artifacts of the pipeline's parent MLflow run, under
+    `checkpoints/`, deleted when the pipeline succeeds."""
+
+    enabled: bool = True
+    every_s: float = Field(30.0, ge=0.0)  # at most one per this many seconds of training (0: at every epoch end)
+    max_share: float = Field(0.02, gt=0.0)  # ... and writing them costs at most this share of the training time
+
+
 class PolicyConfig(_Section):
     """How the best candidate is chosen on validation data, before the champion gate on test data."""
 
@@ -554,6 +565,7 @@ class Config(_Section):
     prune: PruneConfig = Field(default_factory=PruneConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 

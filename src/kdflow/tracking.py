@@ -10,6 +10,7 @@ Child runs name their parent explicitly.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ PIPELINE_STEP = "pipeline"  # STEP_TAG value of the parent run; children carry t
 HOME_ENV = "KDFLOW_HOME"
 LOCAL_RUN_ENV = "KDFLOW_LOCAL_RUN"  # set by a local `kdflow run` for its steps: its id
 LOCAL_RUN_TAG = "kdflow.local_run"  # on the parent run of a local run: that id
+RESUME_ENV = "KDFLOW_RESUME"  # set by `kdflow run --resume` for its steps: JSON, the run it continues
 FAILURE_TAG = "kdflow.failure_reason"
 PROGRESS_PREFIX = "[kdflow]"
 
@@ -139,7 +141,15 @@ def parent_run_id(experiment_id: str, pipeline_run_id: str, run_name: str, param
         max_results=1,
     )
     if found:
-        return found[0].info.run_id
+        run = found[0]
+        if run.info.status != "RUNNING" and os.environ.get(RESUME_ENV):  # `kdflow run --resume` goes on in it
+            _continue(run.info.run_id, "the pipeline")
+            for tag in ("kdflow.outcome", "kdflow.outcome_detail"):
+                if tag in run.data.tags:
+                    client.delete_tag(run.info.run_id, tag)
+        if os.environ.get(LOCAL_RUN_ENV) and run.data.tags.get(LOCAL_RUN_TAG) != os.environ[LOCAL_RUN_ENV]:
+            client.set_tag(run.info.run_id, LOCAL_RUN_TAG, os.environ[LOCAL_RUN_ENV])  # now this local run's
+        return run.info.run_id
     tags = {PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: PIPELINE_STEP}
     if os.environ.get(LOCAL_RUN_ENV):  # a local `kdflow run`: the next run on its home can close what it left
         tags[LOCAL_RUN_TAG] = os.environ[LOCAL_RUN_ENV]
@@ -177,11 +187,46 @@ def close_pipeline_run(experiment_id: str, parent_id: str, succeeded: bool, deta
     return [run.info.run_name for run in stale]
 
 
-@contextlib.contextmanager
-def child_run(experiment_id: str, parent_id: str, name: str, step: str, tags: dict[str, str] | None = None) -> Iterator:
-    """A nested run under the pipeline's parent run; FAILED if the block raises."""
+def unfinished_child(experiment_id: str, parent_id: str, name: str, step: str) -> str | None:
+    """The child run `name` of step `step` that an earlier attempt of the step left unfinished (FAILED, KILLED,
+    or RUNNING after a kill), if any: a retried or resumed step continues logging into it, so the run's curves
+    go on from the epoch its checkpoint holds."""
     import mlflow
 
+    found = mlflow.MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{STEP_TAG}` = '{step}' "
+            f"and attributes.run_name = '{name}' and attributes.status != 'FINISHED'"
+        ),
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
+
+
+def _continue(run_id: str, name: str) -> None:
+    """Make an unfinished run of an earlier attempt RUNNING again, without the reason it was ended with."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    print(f"{PROGRESS_PREFIX} {name}: continuing the MLflow run {run_id} of an earlier attempt", flush=True)
+    client.update_run(run_id, status="RUNNING")
+    if FAILURE_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, FAILURE_TAG)
+
+
+@contextlib.contextmanager
+def child_run(experiment_id: str, parent_id: str, name: str, step: str, tags: dict[str, str] | None = None) -> Iterator:
+    """A nested run under the pipeline's parent run (the one an earlier attempt left unfinished, if any:
+    `unfinished_child`); FAILED if the block raises."""
+    import mlflow
+
+    earlier = unfinished_child(experiment_id, parent_id, name, step)
+    if earlier is not None:
+        _continue(earlier, name)
+        with mlflow.start_run(run_id=earlier, tags={STEP_TAG: step, **(tags or {})}) as run:
+            yield run
+        return
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=name, parent_run_id=parent_id, tags={STEP_TAG: step, **(tags or {})}
     ) as run:
@@ -251,7 +296,13 @@ def open_child_run(experiment_id: str, parent_id: str, name: str, step: str, tag
     each log into their own (`epoch_logger(run_id=...)`, then `reopen`), and `end_run` closes it."""
     import mlflow
 
-    run = mlflow.MlflowClient().create_run(
+    client = mlflow.MlflowClient()
+    earlier = unfinished_child(experiment_id, parent_id, name, step)
+    if earlier is not None:  # an earlier attempt's: continued (`unfinished_child`)
+        _continue(earlier, name)
+        set_tags_on(earlier, {STEP_TAG: step, **tags})
+        return earlier
+    run = client.create_run(
         experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_id, STEP_TAG: step, **tags}
     )
     return run.info.run_id
@@ -372,9 +423,26 @@ def load_pytorch_model(model_uri: str):
     return mlflow.pytorch.load_model(model_uri)
 
 
-def close_orphans(experiment: str, local_run: str, reason: str) -> list[str]:
-    """End as FAILED, with `reason` as their `kdflow.failure_reason` tag, the runs a dead local run left RUNNING:
-    its parent run (found by its `kdflow.local_run` tag) and that parent's children. Returns their names."""
+def find_local_parent(experiment: str, local_run: str) -> tuple[str, str] | None:
+    """The KFP run id and name of the parent run that local run `local_run` opened (`kdflow.local_run` tag)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{LOCAL_RUN_TAG}` = '{local_run}' and tags.`{STEP_TAG}` = '{PIPELINE_STEP}'",
+        max_results=1,
+    )
+    return (found[0].data.tags[PIPELINE_RUN_TAG], found[0].info.run_name) if found else None
+
+
+def close_orphans(experiment: str, local_run: str, reason: str, status: str = "FAILED") -> list[str]:
+    """End as `status` (FAILED; KILLED for an interrupted run), with `reason` as their `kdflow.failure_reason`
+    tag, the runs a local run left RUNNING: its parent run (found by its `kdflow.local_run` tag) and that
+    parent's children. Returns their names."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -390,6 +458,28 @@ def close_orphans(experiment: str, local_run: str, reason: str) -> list[str]:
         for run in [*children, parent]:
             if run.info.status == "RUNNING":
                 client.set_tag(run.info.run_id, FAILURE_TAG, reason)
-                client.set_terminated(run.info.run_id, "FAILED")
+                client.set_terminated(run.info.run_id, status)
                 closed.append(run.info.run_name)
     return closed
+
+
+def resumed(pipeline_run_id: str, run_name: str) -> tuple[str, str]:
+    """The KFP run id and name a step files its MLflow runs under: its own, or in a resumed local run
+    (`kdflow run --resume`) those of the run it continues, so it finds that run's parent run again."""
+    plan = os.environ.get(RESUME_ENV)
+    if not plan:
+        return pipeline_run_id, run_name
+    earlier = json.loads(plan)
+    return earlier["pipeline_run_id"], earlier["run_name"]
+
+
+def delete_run_artifacts(run_id: str, path: str) -> None:
+    """Remove the artifact folder `path` of run `run_id` (best effort: not every artifact store deletes)."""
+    import mlflow
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(mlflow.MlflowClient().get_run(run_id).info.artifact_uri)
+    try:
+        repo.delete_artifacts(path)
+    except (NotImplementedError, OSError) as err:
+        print(f"{PROGRESS_PREFIX} could not delete the artifacts {path} of run {run_id}: {err}", flush=True)

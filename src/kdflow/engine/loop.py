@@ -15,6 +15,7 @@ DistributedDataParallel and each rank trains on its share of every global batch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from kdflow.config import LossConfig, TrainConfig
 from kdflow.data.dataset import ImageSet, Normalizer
 from kdflow.engine import ddp
 from kdflow.engine.device import FeatureTap, RngSlot, autocast, prepare, seed_everything
+from kdflow.engine.resume import Checkpoints, global_rng_state, set_global_rng_state
 from kdflow.engine.stream import Batch, Stream, epoch_size
 from kdflow.engine.teacher_outputs import TeacherOutputs, TeacherSource, TeacherView, teacher_source
 from kdflow.evaluate import accuracy, predict
@@ -192,6 +194,38 @@ class Job:
         if self.spec.on_epoch and ddp.is_main():
             self.spec.on_epoch(epoch, metrics)
 
+    def state(self) -> dict:
+        """What the next epoch depends on (`kdflow.engine.resume`): weights, optimizer, schedule, scaler, RNG
+        stream, best state and early-stopping count."""
+        return {
+            "model": self.spec.model.state_dict(),
+            "adapter": self.adapter.state_dict() if self.adapter is not None else None,
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": [self.rng.cpu, self.rng.cuda],
+            "best_state": self.best_state,
+            "best_key": list(self.best_key),
+            "since_best": self.since_best,
+            "done": self.done,
+            "result": dataclasses.asdict(self.result),
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Continue from `state()` of an earlier process (a checkpoint)."""
+        self.spec.model.load_state_dict(state["model"])
+        if self.adapter is not None:
+            self.adapter.load_state_dict(state["adapter"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.rng.cpu, cuda = state["rng"]
+        self.rng.cuda = cuda if self.rng.cuda is not None else None
+        self.best_state, self.best_key = state["best_state"], tuple(state["best_key"])
+        self.since_best, self.done = state["since_best"], state["done"]
+        self.result = FitResult(**state["result"])
+
     def finish(self, channels_last: bool) -> FitResult:
         """Leave the model holding its best-validation weights, in the plain layout."""
         if self.tap:
@@ -234,6 +268,7 @@ def fit(
     hint_layers: tuple[str, str] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     teacher_outputs: TeacherOutputs | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> FitResult:
     """Train `model` in place and leave it holding its best-validation weights (accuracy, then lower loss).
 
@@ -243,6 +278,7 @@ def fit(
     """
     student = Student(model, loss or LossConfig(name="ce", kind="ce"), hint_layers, on_epoch)
     kwargs = dict(seed=seed, device=device, teacher=teacher, source=source, teacher_outputs=teacher_outputs)
+    kwargs["checkpoints"] = checkpoints
     return fit_many([student], train, val, cfg, normalizer, **kwargs)[0]
 
 
@@ -259,6 +295,7 @@ def fit_many(
     source: ImageSet | None = None,
     teacher_outputs: TeacherOutputs | None = None,
     halt: Callable[[int, dict[int, tuple[float, float]]], set[int]] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> list[FitResult]:
     """Train several students over one data stream, sharing each batch's teacher pass; every student ends
     holding its best-validation weights. Each student gets exactly the batches, augmentation, initial RNG state
@@ -283,6 +320,10 @@ def fit_many(
     `halt(epoch, standing)`, when given, is called after each epoch with every student still training (its
     index → its best (val accuracy, −val loss) so far) and returns the indices to stop there (`FitResult.halted`):
     a search's successive halving (`kdflow.search.Halving`). Its inputs are rank 0's, so every rank agrees.
+
+    `checkpoints`, when given, continues from the latest checkpoint of an earlier, interrupted process with the
+    same arguments, and writes one at epoch ends when due and when training ends (`kdflow.engine.resume`): the
+    results and weights equal an uninterrupted run's. Under DDP rank 0 alone writes them.
     """
     objs = [objectives.build(s.loss) for s in students]
     use_source = _check(students, objs, teacher, source, teacher_outputs)
@@ -303,7 +344,8 @@ def fit_many(
 
     amp, _ = autocast(run.device)
     gen = torch.Generator(device=run.device).manual_seed(seed)
-    for epoch in range(1, cfg.epochs + 1):
+    start = _resume(checkpoints, jobs, gen, run.device)
+    for epoch in range(start + 1, cfg.epochs + 1):
         active = [job for job in jobs if not job.done]  # early stopping ends each student's run on its own
         if not active:
             break
@@ -321,9 +363,40 @@ def fit_many(
             standing = {i: job.best_key for i, job in enumerate(jobs) if not job.done}
             for i in halt(epoch, standing):
                 jobs[i].done = jobs[i].result.halted = True
+        if checkpoints is not None and epoch < cfg.epochs and checkpoints.due():
+            _checkpoint(checkpoints, jobs, gen, epoch, run.device)
+    if checkpoints is not None and checkpoints.resumed_from != cfg.epochs:
+        _checkpoint(checkpoints, jobs, gen, cfg.epochs, run.device)  # the end: a finished fit is not trained again
     for tap in run.taps.values():
         tap.close()
     return [job.finish(run.channels_last) for job in jobs]
+
+
+def _resume(checkpoints: Checkpoints | None, jobs: list[Job], gen: torch.Generator, device: torch.device) -> int:
+    """Load the latest checkpoint into the jobs, the stream's generator and the global RNG; the epoch it ended."""
+    state = checkpoints.load() if checkpoints is not None else None
+    if state is None:
+        return 0
+    if len(state["jobs"]) != len(jobs):
+        raise ValueError(f"checkpoint {checkpoints.key!r} holds {len(state['jobs'])} students, not {len(jobs)}")
+    for job, saved in zip(jobs, state["jobs"]):
+        job.load_state(saved)
+    gen.set_state(state["gen"].to(gen.get_state().device))
+    set_global_rng_state(state["rng"], device)
+    if ddp.is_main():
+        print(f"[kdflow] {checkpoints.key}: resumed after epoch {state['epoch']} from its checkpoint", flush=True)
+    return int(state["epoch"])
+
+
+def _checkpoint(checkpoints: Checkpoints, jobs: list[Job], gen: torch.Generator, epoch: int, device) -> None:
+    """Write the state after `epoch` (rank 0); the loggers flush first, so MLflow holds every epoch it covers."""
+    if not ddp.is_main():
+        return
+    for job in jobs:
+        if hasattr(job.spec.on_epoch, "flush"):
+            job.spec.on_epoch.flush()
+    state = {"epoch": epoch, "gen": gen.get_state(), "rng": global_rng_state(device)}
+    checkpoints.save({**state, "jobs": [job.state() for job in jobs]})
 
 
 def _check(

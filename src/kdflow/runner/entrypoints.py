@@ -10,9 +10,14 @@ and its artifact paths by keyword, opens the step's context and calls one step f
 from __future__ import annotations
 
 import functools
+import json
+import os
+import shutil
 import time
+from pathlib import Path
 
 from kdflow.runtime import timing
+from kdflow.tracking import PROGRESS_PREFIX, RESUME_ENV
 
 
 def _timed(step: str):
@@ -29,6 +34,54 @@ def _timed(step: str):
         return run
 
     return wrap
+
+
+DONE_SUFFIX = ".kdflow-step.json"  # beside a finished step's output (a folder or a file): its result, for reuse
+REUSE_ARGS = ("candidates",)  # the arguments besides config and paths that tell a step's loop iterations apart
+
+
+def _reusable(step: str, output: str):
+    """A step a resumed local run (`kdflow run --resume`) takes over when the run it continues finished it: the
+    earlier output (the same place under that run's folder) is copied and its recorded result returned. Every
+    finished step records its result beside its output (`DONE_SUFFIX`), outside what later steps read."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(**kwargs):
+            out = Path(kwargs[output])
+            args = {k: kwargs[k] for k in REUSE_ARGS if k in kwargs}
+            earlier = earlier_output(out)
+            done = earlier.with_name(earlier.name + DONE_SUFFIX) if earlier is not None else None
+            if done is not None and done.is_file():
+                record = json.loads(done.read_text())
+                if record["args"] == args:
+                    if earlier.is_dir():
+                        shutil.copytree(earlier, out, dirs_exist_ok=True)
+                    else:
+                        shutil.copy2(earlier, out)
+                    print(f"{PROGRESS_PREFIX} {step}: reused the output of the interrupted run it resumes", flush=True)
+                    return record["result"]
+            result = fn(**kwargs)
+            out.with_name(out.name + DONE_SUFFIX).write_text(json.dumps({"args": args, "result": result}))
+            return result
+
+        return run
+
+    return wrap
+
+
+def earlier_output(path: Path) -> Path | None:
+    """In a resumed local run, where the run it continues kept the output now due at `path`: the same place
+    under that run's folder of the local pipeline root. None when not resuming or `path` lies elsewhere."""
+    plan = os.environ.get(RESUME_ENV)
+    if not plan:
+        return None
+    earlier = json.loads(plan)
+    try:
+        rel = path.resolve().relative_to(Path(earlier["root"]).resolve())
+    except ValueError:
+        return None
+    return Path(earlier["run_dir"]).joinpath(*rel.parts[1:]) if len(rel.parts) > 1 else None
 
 
 PERMANENT_TAG = "kdflow.permanent_error"  # parent-run tag prefix: `<prefix>.<step>[.<iteration>]` -> the error
@@ -79,6 +132,7 @@ def _context(config_json: str, tracking_uri: str, pipeline_run_id: str, pipeline
 
 
 @_timed("data-prep")
+@_reusable("data-prep", "data")
 def data_prep(*, config_json: str, data: str) -> dict:
     from kdflow.config import config_from_json
     from kdflow.steps.data_prep import prepare_data
@@ -89,6 +143,7 @@ def data_prep(*, config_json: str, data: str) -> dict:
 
 
 @_timed("teacher")
+@_reusable("teacher", "teacher")
 def teacher(*, data: str, teacher: str, **run: str) -> dict:
     from kdflow.steps.data_prep import record_data
     from kdflow.steps.teacher import train_teacher
@@ -103,6 +158,7 @@ def teacher(*, data: str, teacher: str, **run: str) -> dict:
 
 
 @_timed("prune")
+@_reusable("prune", "pruned")
 def prune(*, data: str, teacher: str, pruned: str, **run: str) -> list[dict]:
     from kdflow.steps.prune import prune_teacher
 
@@ -111,6 +167,7 @@ def prune(*, data: str, teacher: str, pruned: str, **run: str) -> list[dict]:
 
 
 @_timed("distill")
+@_reusable("distill", "student")
 def distill(*, candidates: str, data: str, teacher: str, pruned: str, student: str, **run: str) -> dict:
     from kdflow.steps.distill import distill as distill_step
 
@@ -120,6 +177,7 @@ def distill(*, candidates: str, data: str, teacher: str, pruned: str, student: s
 
 
 @_timed("evaluate")
+@_reusable("evaluate", "report")
 def evaluate(*, data: str, teacher: str, student: str, report: str, **run: str) -> list[dict]:
     from kdflow.steps.evaluate import evaluate_candidates
 

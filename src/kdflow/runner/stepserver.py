@@ -25,6 +25,7 @@ from pathlib import Path
 SERVER_ENV = "KDFLOW_STEP_SERVER"  # path of the server's Unix socket
 ENTRYPOINTS = "kdflow.runner.entrypoints"  # the only module whose functions the server runs
 READY = "kdflow step server ready"
+FORWARDED_ENV = "KDFLOW_"  # the step's own kdflow variables (set after the server started) travel with its call
 
 
 class StepFailed(RuntimeError):
@@ -58,11 +59,19 @@ class StepServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self, reason: str | None = None) -> None:
+        """Stop the server and remove its socket. With `reason` (an interrupted run, whose processes are already
+        killed) a step that connects from now on fails at once with it instead of waiting for the server."""
         if self.proc is None:
             return
         import shutil
         import subprocess
 
+        if reason is not None:
+            Path(self.sock + ".failed").write_text(reason)
+            Path(self.sock).unlink(missing_ok=True)
         os.environ.pop(SERVER_ENV, None)
         self.proc.terminate()
         try:
@@ -70,7 +79,9 @@ class StepServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
+        if reason is None:
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
+        self.proc = None
 
 
 def _connect(path: str, timeout_s: float = 300.0) -> socket.socket:
@@ -104,7 +115,8 @@ def run_step(fn: Callable, **kwargs):
     sys.stdout.flush()
     sys.stderr.flush()
     with _connect(path) as conn:
-        request = json.dumps({"name": fn.__name__, "kwargs": kwargs, "cwd": os.getcwd()}).encode()
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV) and k != SERVER_ENV}
+        request = json.dumps({"name": fn.__name__, "kwargs": kwargs, "cwd": os.getcwd(), "env": env}).encode()
         socket.send_fds(conn, [request + b"\n"], [sys.stdout.fileno(), sys.stderr.fileno()])
         reply = _read_line(conn)
     if reply is None:
@@ -182,6 +194,9 @@ def _child(conn: socket.socket, fds: list[int], request: dict) -> None:
         for fd in fds:
             os.close(fd)
         os.chdir(request["cwd"])
+        for k in [k for k in os.environ if k.startswith(FORWARDED_ENV)]:  # the step's, not the server's
+            del os.environ[k]
+        os.environ.update(request.get("env", {}))
         entrypoint = getattr(importlib.import_module(ENTRYPOINTS), request["name"])
         result = entrypoint(**request["kwargs"])
         reply = {"result": result}
@@ -205,6 +220,9 @@ def serve(path: str) -> None:
         Path(path + ".failed").write_text(f"{type(err).__name__}: {err}")
         raise
     signal.signal(signal.SIGTERM, lambda *_: _exit_now(path))
+    # Ctrl-C reaches every process of the terminal's foreground group: the local run that started this server
+    # stops it and its steps itself (`kdflow.pipelines.local.Interrupt`), so neither dies half-way on its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, lambda *_: _reap())
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path + ".tmp")

@@ -15,9 +15,11 @@ from kdflow import evaluate, tracking
 from kdflow.config import Config, config_from_json
 from kdflow.data import ImageSet, Normalizer, load_imageset, load_split
 from kdflow.data.dataset import SPLITS
+from kdflow.engine.resume import Checkpoints, RunStore
 from kdflow.models import checkpoint
 from kdflow.runtime import timing
 
+CHECKPOINTS = "checkpoints"  # the parent run's artifact folder of the training steps' epoch checkpoints
 INFO_FILE = "info.json"  # each step output's run id, model URI and metrics
 GROUP_FILE = "candidates.json"  # a distill step's output: the names of its candidates, each in a subfolder
 
@@ -38,8 +40,21 @@ class StepContext:
         cfg = config_from_json(config_json)
         uri = tracking.resolve_tracking_uri(tracking_uri or None)
         exp = tracking.ensure_experiment(cfg.experiment, uri)  # also points this process at the store
-        parent = tracking.parent_run_id(exp, pipeline_run_id, pipeline_run_name or pipeline_run_id, cfg.flat())
+        pipeline_run_id, name = tracking.resumed(pipeline_run_id, pipeline_run_name or pipeline_run_id)
+        parent = tracking.parent_run_id(exp, pipeline_run_id, name, cfg.flat())
         return cls(cfg, uri, exp, parent, pipeline_run_id)
+
+    def checkpoints(self, step: str, fit: str, iteration: str = "") -> Checkpoints | None:
+        """Where the fit `fit` of step `step` (and loop iteration, e.g. a distill step's candidates) keeps its
+        epoch checkpoints: the parent run's artifacts, which a retried pod or a resumed run finds again. None
+        when `checkpoint.enabled` is off."""
+        import hashlib
+
+        c = self.cfg.checkpoint
+        if not c.enabled:
+            return None
+        folder = step + (f"-{hashlib.sha1(iteration.encode()).hexdigest()[:10]}" if iteration else "")
+        return Checkpoints(RunStore(self.parent_id, f"{CHECKPOINTS}/{folder}"), fit, c.every_s, c.max_share)
 
     @contextlib.contextmanager
     def child(self, name: str, step: str, tags: dict[str, str] | None = None):

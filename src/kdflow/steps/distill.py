@@ -176,7 +176,9 @@ def _train(
     if needs or ctx.cfg.distill.train.epoch_over == "source":  # ("source": its size sets every epoch's length)
         source = data.load_imageset(data_dir, "source", "train")
 
-    def train(students: list[Student], use_source: bool, **kw) -> list[FitResult]:
+    def train(students: list[Student], key: str, **kw) -> list[FitResult]:
+        """One `fit_many`, its epoch checkpoints under `key` (so an interrupted step continues there)."""
+        ckpt = ctx.checkpoints("distill", f"seed{seed}-{key}", ",".join(c.name for c in cands))
         with timing.compute():
             return fit_many(
                 students,
@@ -189,6 +191,7 @@ def _train(
                 teacher=teacher if any(objectives.build(s.loss).needs_teacher for s in students) else None,
                 source=source,  # a target-only group reads only its size (`epoch_over`)
                 teacher_outputs=cached,
+                checkpoints=ckpt,
                 **kw,
             )
 
@@ -196,11 +199,14 @@ def _train(
     for stream in (False, True):
         group = [c.name for c in fixed if objs[c.name].uses_source_data == stream]
         if group:
-            results.update(zip(group, train([trainees[n].student for n in group], stream)))
+            results.update(zip(group, train([trainees[n].student for n in group], _STREAMS[stream])))
     for c in cands:
         if c.search is not None:
             results[c.name] = _search(ctx, c, trainees[c.name], train, seed)
     return results
+
+
+_STREAMS = {False: "target", True: "source"}  # a fit_many's stream: with source images in its batches or not
 
 
 def _search(ctx: StepContext, c: Candidate, t: _Trainee, train, seed: int) -> FitResult:
@@ -219,8 +225,10 @@ def _search(ctx: StepContext, c: Candidate, t: _Trainee, train, seed: int) -> Fi
             models[v.loss.name] = model = copy.deepcopy(t.student.model)  # every variant from the same weights
             log = tracking.epoch_logger(f"search {c.name}/{v.loss.name}", epochs, f"search.{v.loss.name}.", t.run_id)
             students.append(Student(model, v.loss, t.student.hint_layers, log))
-        for v, result in zip(group, train(students, stream, halt=search.Halving(c.search, epochs, group))):
+        halving = search.Halving(c.search, epochs, group)
+        for v, result in zip(group, train(students, f"search-{c.name}-{_STREAMS[stream]}", halt=halving)):
             v.curve = [h["val_acc"] for h in result.history]
+            v.halted_at = result.epochs if result.halted else None  # (also after a resume past its rung)
             v.best_key = (result.best_val_acc, -result.best_val_loss)
             v.best_val_acc = result.best_val_acc
             fitted[v.loss.name] = result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from kdflow.config import Config
 from kdflow.engine import ddp
 from kdflow.engine.device import resolve_device, seed_everything
 from kdflow.engine.loop import FitResult, fit
+from kdflow.engine.resume import Checkpoints
 from kdflow.engine.stream import epoch_size
 from kdflow.engine.teacher_outputs import (
     TeacherOutputs,
@@ -77,7 +79,7 @@ def _train_teacher(
                     **{f"finetune.{k}": v for k, v in tcfg.finetune.model_dump().items()},
                 }
             )
-        pre, fine, source_test = _fit_phases(cfg, net, manifest, norm, src, tgt, device)
+        pre, fine, source_test = _fit_phases(cfg, net, manifest, norm, src, tgt, device, ctx.checkpoints)
         if not ddp.is_main():  # every rank holds the same weights; rank 0 evaluates, logs and writes them
             return {}
         return _finish(ctx, net, manifest, norm, tgt, data_dir, out_dir, run.info.run_id, pre, fine, source_test)
@@ -99,17 +101,27 @@ def build_teacher(cfg: Config, manifest: dict) -> nn.Module:
 
 
 def _fit_phases(
-    cfg: Config, net: nn.Module, manifest: dict, norm: data.Normalizer, src: dict, tgt: dict, device: torch.device
+    cfg: Config,
+    net: nn.Module,
+    manifest: dict,
+    norm: data.Normalizer,
+    src: dict,
+    tgt: dict,
+    device: torch.device,
+    checkpoints: Callable[[str, str], Checkpoints | None],
 ) -> tuple[FitResult, FitResult, float | None]:
-    """Pretraining on the source task, its test accuracy (rank 0), the new head, fine-tuning on the target."""
+    """Pretraining on the source task, its test accuracy (rank 0), the new head, fine-tuning on the target; each
+    phase with its epoch checkpoints (`checkpoints(step, phase)`), so an interrupted step continues there."""
     tcfg = cfg.teacher
     with timing.compute():
         log = tracking.epoch_logger("teacher pretrain", tcfg.pretrain.epochs, "pretrain_")
-        pre = fit(net, src["train"], src["val"], tcfg.pretrain, norm, seed=cfg.seed, device=device, on_epoch=log)
+        kw = dict(device=device, on_epoch=log, checkpoints=checkpoints("teacher", "pretrain"))
+        pre = fit(net, src["train"], src["val"], tcfg.pretrain, norm, seed=cfg.seed, **kw)
         source_test = accuracy(predict(net, src["test"].x, norm), src["test"].y) if ddp.is_main() else None
         zoo.replace_head(net, manifest["tasks"]["target"]["num_classes"], tcfg.arch)
         log = tracking.epoch_logger("teacher finetune", tcfg.finetune.epochs, "finetune_")
-        fine = fit(net, tgt["train"], tgt["val"], tcfg.finetune, norm, seed=cfg.seed + 1, device=device, on_epoch=log)
+        kw = dict(device=device, on_epoch=log, checkpoints=checkpoints("teacher", "finetune"))
+        fine = fit(net, tgt["train"], tgt["val"], tcfg.finetune, norm, seed=cfg.seed + 1, **kw)
     return pre, fine, source_test
 
 
