@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -92,7 +93,9 @@ def run_local(
         plan = plan_resume(home, cfg) if resume else None
         record = {"local_run": run_id, "pid": os.getpid(), "experiment": cfg.experiment}
         active.write_text(json.dumps(record))
+        earlier = sorted(d.name for d in (home / "pipeline-root").glob("*/"))  # so the next resume finds ours
         last = LastRun(home, {**record, "config": cfg.model_dump(mode="json"), "status": "running", "resumes": plan})
+        last.update(earlier_dirs=earlier)
         try:
             with _env(tracking.RESUME_ENV, json.dumps(plan)) if plan else contextlib.nullcontext():
                 with Interrupt(server, cfg.experiment, run_id, last, home):
@@ -201,12 +204,24 @@ def plan_resume(home: Path, cfg: Config) -> dict:
     if parent is None:  # it stopped before its first step opened the pipeline's MLflow run
         raise ResumeError(f"--resume: the last kdflow run on {home} stopped before its first training step")
     pipeline_run_id, run_name = parent
-    run_dir = home / "pipeline-root" / run_name
+    run_dir = _last_run_dir(home, last, run_name)
     if not run_dir.is_dir():
         raise ResumeError(f"--resume: the interrupted run's folder {run_dir} is gone")
     print(f"{tracking.PROGRESS_PREFIX} resuming the interrupted run {run_name}", flush=True)
     root = str(home / "pipeline-root")
     return {"pipeline_run_id": pipeline_run_id, "run_name": run_name, "run_dir": str(run_dir), "root": root}
+
+
+def _last_run_dir(home: Path, last: dict, run_name: str) -> Path:
+    """The folder the last run's steps wrote to under the local pipeline root: the one that appeared after it
+    started; else (it stopped before kfp.local made one) what it resumed, or the folder named after the run."""
+    root = home / "pipeline-root"
+    new = sorted({d.name for d in root.glob("*/")} - set(last.get("earlier_dirs", [])))
+    if new:
+        return root / new[-1]
+    if last.get("resumes"):
+        return Path(last["resumes"]["run_dir"])
+    return root / run_name
 
 
 def _first_difference(a, b, prefix: str = "") -> str:
@@ -270,6 +285,8 @@ class Interrupt:
             flush=True,
         )
         procs.kill_tree()  # and any process started while this ran
+        if self.server.sock_dir:
+            shutil.rmtree(self.server.sock_dir, ignore_errors=True)
         sys.__stdout__.flush()
         os._exit(code)
 

@@ -1,0 +1,176 @@
+"""Clean interruption and resume of a real local run: a step's process killed mid-teacher, the resumed run
+stopped by Ctrl-C mid-distill, then resumed again, ends with exactly the weights and metrics of the same run
+left alone; SIGTERM stops a run too. Each stop leaves no RUNNING run, no process, no lock and no socket."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers.config import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+# long enough phases to stop in the middle of; a checkpoint at every epoch's end
+LONGER = {
+    "teacher.pretrain": {"epochs": 8},
+    "distill.train": {"epochs": 12, "epoch_over": "target"},
+    "checkpoint": {"every_s": 0, "max_share": 1e9},
+}
+TIMING = re.compile(r"latency|_ms|_s$|seconds|size_mb")  # measured speeds differ run to run; the rest may not
+
+
+def _argv(home: Path, *extra: str) -> list[str]:
+    sets = []
+    for key, value in tiny_overrides(**LONGER).items():
+        sets += ["--set", f"{key}={json.dumps(value)}"]
+    return [sys.executable, "-m", "kdflow.cli", "run", "--home", str(home), *sets, *extra]
+
+
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "KDFLOW_HOME", "KDFLOW_LOCAL_RUN")}
+
+
+def _start(argv: list[str], log: Path) -> subprocess.Popen:
+    with log.open("w") as out:  # its own session: a signal to its group reaches what a terminal's Ctrl-C would
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+
+
+def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def _client(home: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("kdflow-digits").experiment_id
+
+
+def _runs(home: Path) -> dict[str, object]:
+    client, exp = _client(home)
+    return {r.info.run_name: r for r in client.search_runs([exp])}
+
+
+def _weights(home: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The teacher's and every candidate's weights from the run's folder under the local pipeline root."""
+    (run_dir,) = [d for d in (home / "pipeline-root").iterdir() if (d / "register").is_dir()]
+    found = {"teacher": run_dir / "train-teacher" / "teacher" / "model.pt"}
+    for model in run_dir.glob("for-loop-*/distill/student/*/model.pt"):
+        found[model.parent.name] = model
+    return {name: torch.load(path, weights_only=True) for name, path in found.items()}
+
+
+def _metrics(home: Path) -> dict[str, dict[str, float]]:
+    return {
+        name: {k: v for k, v in r.data.metrics.items() if not TIMING.search(k)}
+        for name, r in _runs(home).items()
+        if r.data.tags.get("kdflow.step") in ("teacher", "distill")
+    }
+
+
+def _assert_stopped_cleanly(home: Path, proc: subprocess.Popen) -> None:
+    """No RUNNING run, no process of the run's session, the home's lock free, no record of a live run."""
+    assert [n for n, r in _runs(home).items() if r.info.status == "RUNNING"] == []
+    with pytest.raises(ProcessLookupError):  # every process the run started is gone with it
+        for _ in range(50):
+            os.killpg(proc.pid, 0)
+            time.sleep(0.1)
+    with (home / ".kdflow-run.lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if it were still held
+    assert not (home / ".kdflow-active-run.json").exists()
+
+
+def _step_process(kdflow_pid: int) -> int:
+    """The process running the current step: a child of the step server, itself under the kdflow command."""
+    from kdflow.runtime.procs import descendants
+
+    def cmdline(pid: int) -> str:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+    servers = [p for p in descendants(kdflow_pid) if "kdflow.runner.stepserver" in cmdline(p)]
+    (step,) = [p for p in descendants(servers[0])]
+    return step
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("whole") / "home"
+    done = subprocess.run(_argv(home), capture_output=True, text=True, env=_env(), timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return home
+
+
+def test_killed_then_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted):
+    home = tmp_path / "home"
+    # 1. the teacher step's process killed mid-pretraining: the run fails
+    proc = _start(_argv(home), tmp_path / "killed.log")
+    _wait_for(proc, tmp_path / "killed.log", "teacher pretrain epoch 3/8")
+    os.kill(_step_process(proc.pid), signal.SIGKILL)
+    assert proc.wait(timeout=120) == 1
+    teacher_run = _runs(home)["teacher"].info.run_id
+
+    # 2. resumed: the teacher goes on from its checkpoint in the same MLflow run; Ctrl-C mid-distill
+    proc = _start(_argv(home, "--resume"), tmp_path / "resumed.log")
+    _wait_for(proc, tmp_path / "resumed.log", "distill pruned60-kd epoch 4/12")
+    log = (tmp_path / "resumed.log").read_text()
+    assert "data-prep: reused the output of the interrupted run" in log
+    assert re.search(r"pretrain: resumed after epoch [1-8] from its checkpoint", log), log[-3000:]
+    assert f"teacher: continuing the MLflow run {teacher_run}" in log
+    asked = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
+    assert proc.wait(timeout=60) == 130
+    stop_s = time.monotonic() - asked
+    print(f"Ctrl-C to exit: {stop_s:.2f} s")
+    _assert_stopped_cleanly(home, proc)
+    runs = _runs(home)
+    killed = {n for n, r in runs.items() if r.info.status == "KILLED"}
+    assert {"pruned60-kd", "pruned60-ce"} <= killed and len(killed) == 3  # the candidates and the parent run
+    assert all("interrupted by SIGINT" in runs[n].data.tags["kdflow.failure_reason"] for n in killed)
+    assert "marked 3 MLflow runs KILLED; continue it with: kdflow run --resume" in (tmp_path / "resumed.log").read_text()
+    assert json.loads((home / ".kdflow-last-run.json").read_text())["status"] == "interrupted"
+
+    # 3. resumed again: finished steps reused, distill continues from its checkpoint, the run ends as if whole
+    again = subprocess.run(_argv(home, "--resume"), capture_output=True, text=True, env=_env(), timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:]
+    step_log = sorted((home / "logs").glob("run-*.log"))[-1].read_text()
+    for step in ("data-prep", "teacher", "prune"):
+        assert f"{step}: reused the output of the interrupted run" in step_log
+    assert re.search(r"seed0-target: resumed after epoch ([3-9]|1[0-2]) from its checkpoint", step_log)
+    final = _runs(home)
+    assert [n for n, r in final.items() if r.info.status != "FINISHED"] == []
+    assert {n: r.info.run_id for n, r in final.items() if n in killed} == {n: runs[n].info.run_id for n in killed}
+    client, _ = _client(home)
+    parent = next(r for r in final.values() if r.data.tags.get("kdflow.step") == "pipeline")
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "checkpoints")] == []  # deleted at the end
+
+    expected, got = _weights(uninterrupted), _weights(home)
+    assert sorted(got) == sorted(expected) == ["pruned60-ce", "pruned60-kd", "teacher"]
+    for name in expected:
+        assert all(torch.equal(got[name][k], v) for k, v in expected[name].items()), name
+    assert _metrics(home) == _metrics(uninterrupted)
+
+
+def test_sigterm_stops_a_run_at_once(tmp_path):
+    home = tmp_path / "home"
+    proc = _start(_argv(home), tmp_path / "term.log")
+    _wait_for(proc, tmp_path / "term.log", "teacher pretrain epoch 1/8")
+    proc.terminate()  # SIGTERM to the kdflow command alone, as a process manager sends it
+    assert proc.wait(timeout=60) == 143
+    _assert_stopped_cleanly(home, proc)
+    runs = _runs(home)
+    assert {n: r.info.status for n, r in runs.items() if n == "teacher"} == {"teacher": "KILLED"}
+    assert "interrupted by SIGTERM" in runs["teacher"].data.tags["kdflow.failure_reason"]
