@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kdflow.configkeys import apply_override, did_you_mean, format_key
 from kdflow.errors import ConfigError
 
 # the architectures `kdflow.models.MODELS` builds, named here so a config is checked without importing torch
@@ -633,9 +634,9 @@ class Config(_Section):
 def _format_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = format_key(e["loc"]) or "<root>"  # list entries as [i], the form --set reads
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            lines.append(f"  {key}: unknown key{did_you_mean(Config, e['loc'])}")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
@@ -700,14 +701,26 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config ({origin}): top level must be a mapping, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {dotted}: {part} is not a section")
-        node[leaf] = value
+        apply_override(data, Config, dotted, value)
     return parse_config(data, origin)
+
+
+def config_yaml(cfg: Config, origin: str = "") -> str:
+    """The whole config as YAML, every key with its value (defaults included), in the schema's order: what
+    `kdflow config show` prints. `load_config` reads it back to the same config."""
+    head = f"# kdflow config: {origin}\n" if origin else ""
+    return head + yaml.dump(cfg.model_dump(mode="json"), Dumper=_ConfigDumper, sort_keys=False, width=1000)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Sections as blocks, a list of plain values on one line (`ratios: [0.6, 0.75]`)."""
+
+    def represent_list(self, data):
+        flow = all(not isinstance(v, (dict, list)) for v in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_ConfigDumper.add_representer(list, _ConfigDumper.represent_list)
 
 
 def config_from_json(text: str) -> Config:
