@@ -158,3 +158,41 @@ def test_shell_completion_is_offered():
     result = CliRunner().invoke(cli.app, ["--help"])
     assert "--install-completion" in result.output and "--show-completion" in result.output
     assert "config" in result.output
+
+
+# ------------------------------------------------------------------------------------------ the reference
+
+
+def test_docs_config_md_is_the_reference_of_the_schema():
+    from kdflow.configdoc import REGENERATE, reference_markdown
+
+    checked_in = (ROOT / "docs" / "config.md").read_text()
+    assert checked_in == reference_markdown(), (
+        f"docs/config.md is out of date with the schema in src/kdflow/config.py: regenerate it with `{REGENERATE}` "
+        "(from the repository root) and commit it"
+    )
+
+
+def test_the_reference_gives_every_key_its_type_range_default_and_description():
+    from kdflow.configdoc import reference_markdown, sections
+
+    rows = {row[0]: row for _, _, section in sections(Config, "", Config(), load_config()) for row in section}
+    undescribed = sorted(k for k, row in rows.items() if not row[5])
+    assert undescribed == [], f"config keys without a docstring in src/kdflow/config.py: {undescribed}"
+    assert len(rows) > 130 and "distill.losses[i].alpha" in rows and "cluster.tolerations[i].key" in rows
+    # a section's own defaults (the teacher's pretrain is not TrainConfig's), and where the built-in run differs
+    assert rows["teacher.pretrain.epochs"][1:5] == ("int", "≥ 0, ≤ 10000", "`20`", "")
+    assert rows["distill.train.epochs"][3:5] == ("`30`", "`50`")
+    assert rows["data.source_fraction"][1:5] == ("float", "> 0, < 1", "`0.4`", "`0.6`")
+    assert rows["distill.losses[i].kind"][1:4] == (
+        '"ce" \\| "kd" \\| "logit_mse" \\| "hint" \\| "dkd" \\| "dist"',
+        "",
+        "*required*",
+    )
+    assert rows["distill.students"][3:5] == ("2 entries: pruned60, pruned75", "2 entries: cnn4, cnn8")
+    assert rows["registry.alias"][2] == "at most 200 long, matches `^[A-Za-z][A-Za-z0-9_-]*$`"
+    assert rows["distill.search"][1:4] == ("section \\| null", "", "`null`")
+    markdown = reference_markdown()
+    assert "| `teacher.pretrain.patience` | int \\| null | ≥ 1, ≤ 10000 | `5` |  | Early stopping:" in markdown
+    result = CliRunner().invoke(cli.app, ["config", "reference"])
+    assert result.exit_code == 0 and result.output == markdown
