@@ -102,8 +102,11 @@ def test_an_early_stop_ends_the_phase_within_the_eta_it_showed():
     # a phase that ran all its epochs just ends: its last epoch line said so
     run.feed(event("p", 0, 2, 0.0))
     run.feed(event("p", 1, 2, 1.0))
-    assert texts(run.feed(event("p", 2, 2, 2.0))) == ["[0:00:30] p epoch 2/2 (0:00:02 elapsed, ETA 0:00:00)"]
-    assert run.feed(event("p", 2, 2, 2.0, done=True)) == []
+    assert texts(run.feed(event("p", 2, 2, 2.0, val_acc=0.5))) == [
+        "[0:00:30] p epoch 2/2 val_acc 0.5000 (0:00:02 elapsed, ETA 0:00:00)"
+    ]
+    (note,) = run.feed(event("p", 2, 2, 2.0, done=True))  # for a terminal's view, whose bar goes
+    assert (note.kind, note.text) == ("finished", "[0:00:30] p done: 2 epochs in 0:00:02, val_acc 0.5000")
 
 
 def test_long_epochs_are_shown_at_least_every_30_seconds():
@@ -131,9 +134,15 @@ def test_plain_view_joins_lines_cut_across_writes():
     view.write("Executing task 'pr")
     assert out.getvalue() == ""
     view.write("une'\n    [KFP Executor] noise\n")
+    for line in (event("p", 0, 1, 0.0), event("p", 1, 1, 1.0), event("p", 1, 1, 1.0, done=True)):
+        view.write(line + "\n")  # a phase that ran all its epochs: its last epoch line is its end
     view.write(f"{PROGRESS_PREFIX} last words")
     view.close()
-    assert out.getvalue() == f"[0:00:00] step 1/7 prune started\n{PROGRESS_PREFIX} last words\n"
+    assert out.getvalue().splitlines() == [
+        "[0:00:00] step 1/7 prune started",
+        "[0:00:00] p epoch 1/1 (0:00:01 elapsed, ETA 0:00:00)",
+        f"{PROGRESS_PREFIX} last words",
+    ]
 
 
 def test_live_view_keeps_a_bar_per_training_phase_and_prints_steps_above():
@@ -151,6 +160,8 @@ def test_live_view_keeps_a_bar_per_training_phase_and_prints_steps_above():
         assert (bar.completed, bar.total, bar.fields["unit"], bar.fields["eta"]) == (4, 20, "epoch", 32.0)
         assert (bars["pipeline (train-teacher)"].completed, bars["pipeline (train-teacher)"].total) == (0, 9)
         view.write(event("teacher pretrain", 4, 20, 8.0, done=True) + "\n")
+        view.write(event("distill s-kd", 0, 1, 8.0) + "\n" + event("distill s-kd", 1, 1, 9.5, val_acc=0.75) + "\n")
+        view.write(event("distill s-kd", 1, 1, 9.5, done=True) + "\n")
         view.write("Task 'train-teacher' finished with status SUCCESS\n")
         assert [(t.description, t.completed) for t in view.progress.tasks] == [("pipeline", 1)]
     finally:
@@ -158,6 +169,7 @@ def test_live_view_keeps_a_bar_per_training_phase_and_prints_steps_above():
     printed = out.getvalue()
     assert "[0:00:00] step 1/9 train-teacher started" in printed
     assert "teacher pretrain ended at epoch 4/20 after 0:00:08" in printed
+    assert "distill s-kd done: 1 epoch in 0:00:02, val_acc 0.7500" in printed
     assert "epoch 4/20 loss" not in printed  # epochs are the bars' business
 
 
@@ -168,6 +180,8 @@ def test_eta_column_counts_down_between_events():
     assert EtaColumn().render(Task()).plain == "ETA 0:00:40"
     Task.fields = {"eta": None}
     assert EtaColumn().render(Task()).plain == "ETA -:--:--"
+    Task.fields = {"eta": False}  # the pipeline's bar
+    assert EtaColumn().render(Task()).plain == ""
 
 
 def test_progress_log_prints_its_path_and_keeps_everything_in_the_file(tmp_path):

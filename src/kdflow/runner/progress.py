@@ -83,7 +83,8 @@ class Phase:
 
 @dataclass
 class Note:
-    """A line a view prints for good: kind is "step", "epoch", "phase" (a phase ended early) or "message"."""
+    """A line a view prints for good: kind is "step", "epoch", "phase" (a phase ended early), "finished" (a phase
+    ran all its epochs: a plain view's last epoch line said so already) or "message"."""
 
     kind: str
     text: str
@@ -138,11 +139,7 @@ class RunProgress:
             if epoch == 0:
                 return []
         if ev.get("done"):
-            phase.done = True
-            if phase.epoch >= phase.of or phase.epoch == 0:
-                return []
-            took = clock_text(phase.elapsed())
-            return [Note("phase", self._stamp(f"{name} ended at epoch {phase.epoch}/{phase.of} after {took}"))]
+            return self._ended(phase)
         phase.epoch, phase.last_time = epoch, t
         phase.metrics = {k: float(v) for k, v in ev.items() if k in ("loss", "val_acc")}
         if phase.first is None:
@@ -152,6 +149,17 @@ class RunProgress:
             return []
         phase.noted = (epoch, t)
         return [Note("epoch", self._stamp(self.epoch_text(phase)))]
+
+    def _ended(self, p: Phase) -> list[Note]:
+        p.done = True
+        took = clock_text(p.elapsed())
+        if p.epoch == 0:
+            return []
+        if p.epoch < p.of:
+            return [Note("phase", self._stamp(f"{p.name} ended at epoch {p.epoch}/{p.of} after {took}"))]
+        shown = "".join(f", {k} {v:.4f}" for k, v in p.metrics.items())
+        epochs = f"{p.of} epoch{'s' * (p.of != 1)}"
+        return [Note("finished", self._stamp(f"{p.name} done: {epochs} in {took}{shown}"))]
 
     @staticmethod
     def epoch_text(p: Phase) -> str:
@@ -189,6 +197,7 @@ class PlainView:
             self._show(self.state.feed(line))
 
     def _show(self, notes: list[Note]) -> None:
+        notes = [n for n in notes if n.kind != "finished"]
         for note in notes:
             self.stream.write(note.text + "\n")
         if notes:
@@ -217,7 +226,7 @@ class LiveView(PlainView):
             redirect_stderr=False,
         )
         steps = state.steps or 0
-        self.pipeline = self.progress.add_task("pipeline", total=steps, unit="step", eta=None, eta_at=0.0)
+        self.pipeline = self.progress.add_task("pipeline", total=steps, unit="step", eta=False)  # (no ETA)
         self.bars: dict[str, int] = {}
         self.progress.start()
 
@@ -254,6 +263,8 @@ class EtaColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         eta = task.fields.get("eta")
+        if eta is False:
+            return Text("")
         if eta is None:
             return Text("ETA -:--:--", style="progress.remaining")
         left = eta - (time.monotonic() - task.fields.get("eta_at", 0.0))
