@@ -147,7 +147,19 @@ def test_config_show_fails_naming_a_bad_key():
 # ------------------------------------------------------------------------------------- help, completion
 
 
-def test_help_is_not_cut_at_80_columns_in_a_pipe():
+def test_help_is_not_cut_at_80_columns_in_a_pipe(monkeypatch):
+    import io
+    import sys
+
+    from typer import rich_utils
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(rich_utils, "MAX_WIDTH", None)  # as typer starts without $TERMINAL_WIDTH
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # a pipe, whatever runs the tests
+    cli._help_width()
+    assert rich_utils.MAX_WIDTH == cli.HELP_WIDTH
+    monkeypatch.undo()
+    monkeypatch.setattr(rich_utils, "MAX_WIDTH", cli.HELP_WIDTH)
     result = CliRunner().invoke(cli.app, ["submit", "--help"])
     assert result.exit_code == 0
     assert "https://<kubeflow>/pipeline." in result.output  # cut to "https://<kubeflow>/pipeli…" at 80
