@@ -40,9 +40,9 @@ class ProgressLog(io.TextIOBase):
         self.path, self.console, self.verbose = path, console, verbose
         self.file = path.open("w")
         self.lock = threading.Lock()  # kfp.local prints from one thread per parallel loop iteration
+        progress.HELD.attach(self.file)  # (which ends the set-up spinner, if any, before the line below)
         console.write(f"run log: {path}\n")
         console.flush()
-        progress.HELD.attach(self.file)
         self.view = None if verbose else progress.view_for(console, steps, live)
 
     def write(self, text: str) -> int:

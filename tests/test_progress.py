@@ -209,6 +209,21 @@ def test_progress_log_verbose_shows_everything(tmp_path):
     assert console.getvalue() == f"run log: {tmp_path / 'run.log'}\nnoise\n"
 
 
+def test_setting_up_is_shown_until_the_run_log_opens(tmp_path):
+    from rich.console import Console
+
+    plain = Console(file=io.StringIO(), width=120)
+    with progress.setting_up(plain) as spinner:
+        assert spinner is None
+    assert plain.file.getvalue() == "setting up the MLflow store, the step server and kfp.local …\n"
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=120)
+    with progress.setting_up(terminal) as spinner:
+        assert spinner.live.is_started and progress.HELD.on_attach == spinner.stop
+        log = ProgressLog(tmp_path / "run.log", io.StringIO(), live=False)
+        assert not spinner.live.is_started and progress.HELD.on_attach is None  # gone before "run log: ..."
+        log.close()
+
+
 @pytest.fixture
 def mlflow_stream():
     import mlflow  # noqa: F401 - its loggers get their handler on import
@@ -264,7 +279,8 @@ def test_a_real_run_shows_its_log_steps_and_epochs_with_eta(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
     logs = sorted((tmp_path / "home" / "logs").glob("run-*.log"))
-    assert len(logs) == 1 and f"run log: {logs[0]}" in lines[:3]  # after the run's header (which may wrap)
+    assert len(logs) == 1 and f"run log: {logs[0]}" in lines[:4]  # after the run's header (which may wrap)
+    assert lines.index(f"{progress.SETTING_UP} …") == lines.index(f"run log: {logs[0]}") - 1
     steps = [line.split("] ", 1)[1] for line in lines if "] step " in line]
     assert steps[0] == "step 1/7 data-prep started" and steps[-1].endswith("(7/7 done)")
     assert len([s for s in steps if s.endswith(" started")]) == 7

@@ -79,7 +79,7 @@ def run(
 ) -> None:
     """Run the whole pipeline locally (kfp.local), log to MLflow and promote a champion."""
     from kdflow.pipelines.local import PipelineFailed, run_local
-    from kdflow.runner.progress import mlflow_logs_to_run_log
+    from kdflow.runner.progress import mlflow_logs_to_run_log, setting_up
 
     cfg = _load(config, set_).with_local_paths(Path.cwd())
     home = (home or tracking.kdflow_home()).expanduser().resolve()
@@ -101,7 +101,8 @@ def run(
         f"{' → ' + cfg.data.target if cfg.data.target else ''}, {n} candidates; MLflow at {uri}"
     )
     try:
-        with mlflow_logs_to_run_log():  # the store's set-up lines go to the run log, not the console
+        # the store's set-up lines go to the run log, not the console, which shows what happens until the log opens
+        with mlflow_logs_to_run_log(), setting_up(console):
             summary = run_local(cfg, home, uri, verbose)
     except PipelineFailed as err:
         console.print(f"[red]pipeline failed:[/red] {escape(str(err))}", soft_wrap=True)

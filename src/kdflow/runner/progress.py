@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from kdflow.tracking import PROGRESS_EVENT, PROGRESS_PREFIX
@@ -286,6 +286,7 @@ class HeldBack(io.TextIOBase):
         self.held: list[str] = []
         self.target: IO[str] | None = None
         self.lock = threading.Lock()
+        self.on_attach: Callable[[], None] | None = None  # `setting_up`'s end
 
     def write(self, text: str) -> int:
         with self.lock:
@@ -296,10 +297,14 @@ class HeldBack(io.TextIOBase):
         return len(text)
 
     def attach(self, target: IO[str]) -> None:
+        """The run log is open: what was held goes there, and so does what follows."""
         with self.lock:
             target.write("".join(self.held))
             self.held.clear()
             self.target = target
+            done, self.on_attach = self.on_attach, None
+        if done is not None:
+            done()
 
     def detach(self) -> None:
         with self.lock:
@@ -335,3 +340,29 @@ def mlflow_logs_to_run_log(fallback: IO[str] | None = None):
         HELD.detach()
         if left := HELD.take():
             (fallback or sys.stderr).write(left)
+
+
+SETTING_UP = "setting up the MLflow store, the step server and kfp.local"
+
+
+@contextlib.contextmanager
+def setting_up(console: Console):
+    """Before the run log opens (creating or migrating the store, warming the step server, importing kfp; tens of
+    seconds on a busy machine): a spinner with the elapsed time on a terminal, one line elsewhere. It ends when
+    the run log opens (`ProgressLog` attaches to `HELD`) or when the block does."""
+    if not console.is_terminal:
+        console.print(f"{SETTING_UP} …", highlight=False)
+        yield None
+        return
+    spinner = Progress(
+        SpinnerColumn(), TextColumn(SETTING_UP), TimeElapsedColumn(),
+        console=console, transient=True, redirect_stdout=False, redirect_stderr=False,
+    )  # fmt: skip
+    spinner.add_task("setup", total=None)
+    spinner.start()
+    HELD.on_attach = spinner.stop
+    try:
+        yield spinner
+    finally:
+        HELD.on_attach = None
+        spinner.stop()
