@@ -19,9 +19,8 @@ from typing import IO
 
 from kdflow import tracking
 from kdflow.config import Config
-from kdflow.runner import stepserver
+from kdflow.runner import progress, stepserver
 from kdflow.runtime import cpus, filelock, procs
-from kdflow.tracking import PROGRESS_PREFIX
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 EXCEPTION_LINE = re.compile(r"^\s*((?:\w+\.)*\w*(?:Error|Exception): .*)$", re.MULTILINE)
@@ -34,30 +33,39 @@ class PipelineFailed(RuntimeError):
 
 
 class ProgressLog(io.TextIOBase):
-    """Where kfp.local's output goes during a run: all of it to a log file, and to the console only the lines
-    that show progress (steps starting and finishing, kdflow's own per-epoch lines) unless `verbose`."""
+    """Where kfp.local's output goes during a run: all of it to a log file (whose path it prints first), and to the
+    console its progress (`kdflow.runner.progress`: steps k/n, each training phase's epoch k/n, elapsed and ETA;
+    bars on a terminal, plain lines elsewhere) unless `verbose`, which shows the whole output. MLflow's own log
+    lines from this process (the store's set-up) go to the file too."""
 
-    KEEP = ("Executing task", "finished with status", PROGRESS_PREFIX)
-
-    def __init__(self, path: Path, console: IO[str], verbose: bool = False):
+    def __init__(self, path: Path, console: IO[str], verbose: bool = False, steps: int | None = None, live=None):
         self.path, self.console, self.verbose = path, console, verbose
         self.file = path.open("w", buffering=1)  # line-buffered: an interrupted run's log ends where it stopped
         self.lock = threading.Lock()  # kfp.local prints from one thread per parallel loop iteration
+        progress.HELD.attach(self.file)  # (which ends the set-up spinner, if any, before the line below)
+        console.write(f"run log: {path}\n")
+        console.flush()
+        self.view = None if verbose else progress.view_for(console, steps, live)
 
     def write(self, text: str) -> int:
         with self.lock:
             self.file.write(text)
-            if self.verbose:
+            if self.view is None:
                 self.console.write(text)
             else:
-                for line in text.splitlines():
-                    if any(k in line for k in self.KEEP):
-                        self.console.write(ANSI.sub("", line).strip() + "\n")
+                self.view.write(text)
         return len(text)
 
     def flush(self) -> None:
         self.file.flush()
         self.console.flush()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.view is not None:
+                self.view.close()
+            progress.HELD.detach()
+            self.file.close()
 
     def tail(self, n: int = 60) -> str:
         self.file.flush()
@@ -324,12 +332,14 @@ def _run(cfg: Config, home: Path, uri: str, verbose: bool) -> dict:
         cfg.cluster.model_copy(update={"retry": cfg.cluster.retry.model_copy(update={"max_retries": 0})})
     )
     original_print = builtins.print  # kfp.local swaps print() to indent step logs and may not restore it
-    log = ProgressLog(home / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log", sys.stdout, verbose)
+    arguments = pipeline_arguments(cfg, uri)
+    steps = progress.pipeline_steps(len(arguments["candidates"]))
+    log = ProgressLog(home / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log", sys.stdout, verbose, steps)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(log):
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # our image is kdflow's env
-            pipeline(**pipeline_arguments(cfg, uri))
+            pipeline(**arguments)
     except RuntimeError as err:
         tail = log.tail()
         errors = [m.group(1) for m in EXCEPTION_LINE.finditer(tail)]
@@ -337,7 +347,7 @@ def _run(cfg: Config, home: Path, uri: str, verbose: bool) -> dict:
         raise PipelineFailed(f"{headline}\n--- last lines of {log.path} ---\n{tail}") from None
     finally:
         builtins.print = original_print
-        log.file.close()
+        log.close()
     # the decision lives inside the exit handler's scope, which KFP cannot return as a pipeline output:
     # read it from this run's folder under the local pipeline root
     (run_dir,) = set(root.iterdir()) - before

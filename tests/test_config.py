@@ -60,7 +60,7 @@ def test_config_names_exactly_the_architectures_models_builds():
         ({"experimnt": "x"}, "experimnt"),
         ({"registry": {"policy": {"max_param": 3}}}, "registry.policy.max_param"),
         ({"teacher": {"finetune": {"learning_rate": 0.1}}}, "teacher.finetune.learning_rate"),
-        ({"distill": {"losses": [{"name": "kd", "kind": "kd", "temp": 2.0}]}}, "distill.losses.0.temp"),
+        ({"distill": {"losses": [{"name": "kd", "kind": "kd", "temp": 2.0}]}}, "distill.losses[0].temp"),
     ],
 )
 def test_unknown_key_is_named(data, key):
@@ -91,7 +91,7 @@ def test_every_bad_key_is_reported_at_once():
         ({"device": "tpu"}, "device", "'tpu'"),
         ({"distill": {"train": {"optimizer": "adam"}}}, "distill.train.optimizer", "'adam'"),
         ({"teacher": {"arch": "resnet19"}}, "teacher.arch", "'resnet19'"),
-        ({"distill": {"students": [{"name": "s", "arch": "vgg"}]}}, "distill.students.0.arch", "'vgg'"),
+        ({"distill": {"students": [{"name": "s", "arch": "vgg"}]}}, "distill.students[0].arch", "'vgg'"),
         ({"evaluate": {"latency_batch_sizes": [64]}}, "evaluate.latency_batch_sizes", "must include 1"),
         ({"evaluate": {"latency_batch_sizes": [1, 0]}}, "evaluate.latency_batch_sizes", "[1, 0]"),
         ({"evaluate": {"latency_batch_sizes": [1, 1]}}, "evaluate.latency_batch_sizes", "must be distinct"),
@@ -145,7 +145,7 @@ def _one_loss(**loss) -> dict:
 @pytest.mark.parametrize("kind", ["ce", "logit_mse", "hint", "dist"])
 def test_standardize_is_refused_outside_kd_and_dkd(kind):
     msg = error_of(_one_loss(kind=kind, standardize=True))
-    assert "distill.losses.0" in msg
+    assert "distill.losses[0]" in msg
     assert "standardize: true applies only to kinds kd, dkd" in msg
     assert f"loss 'l' has kind {kind!r}" in msg
 
@@ -160,7 +160,7 @@ def test_standardize_is_accepted_with_kd_and_dkd(kind):
 @pytest.mark.parametrize("transfer", ["source", "both"])
 def test_dkd_needs_the_labelled_target_transfer_set(transfer):
     msg = error_of(_one_loss(kind="dkd", transfer=transfer))
-    assert "distill.losses.0" in msg
+    assert "distill.losses[0]" in msg
     assert "loss 'l' of kind 'dkd' needs the labels of its transfer images" in msg
     assert f"transfer must be 'target' (got transfer: {transfer!r})" in msg
     assert parse_config(_one_loss(kind="dkd", transfer="target")).distill.losses[0].transfer == "target"
@@ -168,7 +168,7 @@ def test_dkd_needs_the_labelled_target_transfer_set(transfer):
 
 
 def test_gamma_is_checked_and_defaults_leave_other_kinds_alone():
-    assert "distill.losses.0.gamma" in error_of(_one_loss(kind="dist", gamma=-1.0))
+    assert "distill.losses[0].gamma" in error_of(_one_loss(kind="dist", gamma=-1.0))
     loss = parse_config(_one_loss(kind="dkd")).distill.losses[0]
     # LossConfig's defaults are the other kinds' (a dkd config sets α and β itself)
     assert (loss.alpha, loss.beta, loss.gamma, loss.temperature) == (0.9, 1.0, 1.0, 4.0)

@@ -140,7 +140,9 @@ def test_killed_then_interrupted_run_resumes_to_the_uninterrupted_result(tmp_pat
     killed = {n for n, r in runs.items() if r.info.status == "KILLED"}
     assert {"pruned60-kd", "pruned60-ce"} <= killed and len(killed) == 3  # the candidates and the parent run
     assert all("interrupted by SIGINT" in runs[n].data.tags["kdflow.failure_reason"] for n in killed)
-    assert "marked 3 MLflow runs KILLED; continue it with: kdflow run --resume" in (tmp_path / "resumed.log").read_text()
+    assert (
+        "marked 3 MLflow runs KILLED; continue it with: kdflow run --resume" in (tmp_path / "resumed.log").read_text()
+    )
     assert json.loads((home / ".kdflow-last-run.json").read_text())["status"] == "interrupted"
 
     # 3. resumed again: finished steps reused, distill continues from its checkpoint, the run ends as if whole

@@ -259,7 +259,7 @@ def test_bad_cluster_values_are_rejected_with_the_key_named():
         load_config(None, {"cluster.gpu_resources.memory_limit": "32 gigs"})
     with pytest.raises(ConfigError, match=r"cluster.retry.backoff.*'1m'"):
         load_config(None, {"cluster.retry.backoff": "1m"})
-    with pytest.raises(ConfigError, match=r"cluster.tolerations.0.operator"):
+    with pytest.raises(ConfigError, match=r"cluster\.tolerations\[0\]\.operator"):
         load_config(None, {"cluster.tolerations": [{"key": "gpu", "operator": "Maybe"}]})
 
 

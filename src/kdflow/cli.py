@@ -16,8 +16,21 @@ from rich.table import Table
 from kdflow import tracking
 from kdflow.config import Config, ConfigError, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(no_args_is_help=True, help=__doc__)  # with --install-completion / --show-completion
 console = Console(width=None if sys.stdout.isatty() else 120)
+HELP_WIDTH = 120  # help printed to a pipe or a file; a terminal's help is as wide as the terminal
+
+
+def _help_width() -> None:
+    """Typer draws help with rich at $TERMINAL_WIDTH, else the terminal's width, and rich falls back to 80 columns
+    when stdout is not a terminal (`kdflow run --help | less`), cutting the options' help: give pipes 120."""
+    from typer import rich_utils
+
+    if rich_utils.MAX_WIDTH is None and not os.environ.get("COLUMNS") and not sys.stdout.isatty():
+        rich_utils.MAX_WIDTH = HELP_WIDTH
+
+
+_help_width()
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML config; the built-in digits default when omitted.")
 SET_OPT = typer.Option(None, "--set", help="Override one config key, e.g. --set distill.train.epochs=5.")
@@ -73,6 +86,7 @@ def run(
     """Run the whole pipeline locally (kfp.local), log to MLflow and promote a champion. Ctrl-C stops it within
     seconds (exit 130; 143 on SIGTERM); --resume continues it."""
     from kdflow.pipelines.local import PipelineFailed, ResumeError, recorded_config, run_local
+    from kdflow.runner.progress import mlflow_logs_to_run_log, setting_up
 
     home = (home or tracking.kdflow_home()).expanduser().resolve()
     if home.exists() and not home.is_dir():
@@ -99,7 +113,9 @@ def run(
         f"{' → ' + cfg.data.target if cfg.data.target else ''}, {n} candidates; MLflow at {uri}"
     )
     try:
-        summary = run_local(cfg, home, uri, verbose, resume)
+        # the store's set-up lines go to the run log, not the console, which shows what happens until the log opens
+        with mlflow_logs_to_run_log(), setting_up(console):
+            summary = run_local(cfg, home, uri, verbose, resume)
     except ResumeError as err:
         raise _fail(err) from None
     except PipelineFailed as err:
@@ -215,6 +231,36 @@ def compile_(
     cfg = _load(config, set_)
     path = compile_pipeline(cfg, output, tracking_uri)
     console.print(f"wrote {path} ({len(cfg.candidates())} candidates)")
+
+
+config_app = typer.Typer(no_args_is_help=True, help="The run configuration: the resolved config, the keys' reference.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(config: Path | None = CONFIG_OPT, set_: list[str] | None = SET_OPT) -> None:
+    """Print the resolved config as YAML: the file (or the built-in default) with the --set overrides and every
+    default filled in. `kdflow run -c` on the output runs the same config."""
+    from kdflow.config import config_yaml
+
+    origin = str(config) if config is not None else "the built-in default"
+    origin += "".join(f" --set {s}" for s in set_ or [])
+    sys.stdout.write(config_yaml(_load(config, set_), origin))
+
+
+@config_app.command("reference")
+def config_reference(
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write it here (e.g. docs/config.md)."),
+) -> None:
+    """Print the reference of every config key (type, default, description) generated from the schema."""
+    from kdflow.configdoc import reference_markdown
+
+    text = reference_markdown()
+    if output is None:
+        sys.stdout.write(text)
+        return
+    output.write_text(text)
+    console.print(f"wrote {output}")
 
 
 PACKAGE_OPT = typer.Option(

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kdflow.configkeys import apply_override, did_you_mean, format_key
 from kdflow.errors import ConfigError
 
 # the architectures `kdflow.models.MODELS` builds, named here so a config is checked without importing torch
@@ -51,32 +52,51 @@ def _distinct(values: list[int] | None, what: str) -> list[int] | None:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # each field's docstring is its description (docs/config.md, `kdflow config reference`)
+    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
 
 
 class DataConfig(_Section):
     """Which source and target tasks to build and how to split them (see `kdflow.data`)."""
 
-    # digits | mnist-idx:<dir> | usps:<dir> | imagefolder:<dir> | mnist, fashion-mnist, cifar10, cifar100 |
-    # s3://<bucket>/<prefix>/ (an ImageFolder tree) | s3://<bucket>/<key>.tar[.gz]|.tgz|.zip (an archive of one)
     source: str = "digits"
-    target: str | None = None  # the same forms; required by setup cross_dataset
+    """The source task's data: `digits`, `mnist-idx:<dir>`, `usps:<dir>`, `imagefolder:<dir>`, a torchvision name
+    (`mnist`, `fashion-mnist`, `cifar10`, `cifar100`), `s3://<bucket>/<prefix>/` (an ImageFolder tree) or
+    `s3://<bucket>/<key>.tar[.gz]|.tgz|.zip` (an archive of one)."""
+    target: str | None = None
+    """The target task's data, in the same forms; required by setup `cross_dataset`."""
     setup: Literal["cross_dataset", "class_split", "domain_shift"] = "domain_shift"
+    """How the target task is made: another dataset (`cross_dataset`), the classes of `source` not in `source_classes`
+    (`class_split`), or `source` transformed by `shift` (`domain_shift`)."""
     source_classes: list[int] | None = None
+    """class_split: the source task's classes (default: the first half of the classes)."""
     target_classes: list[int] | None = None
+    """class_split: the target task's classes (default: the rest)."""
     shift: Literal["hflip", "vflip", "rot90", "invert"] = "hflip"
+    """domain_shift: the transform that makes the target images."""
     source_fraction: float = Field(0.4, gt=0.0, lt=1.0)
-    target_samples_per_class: int | None = Field(None, ge=1)  # few-shot: caps the target's training split
-    # and its validation split, so selection rests on no more labels per class than this many ("train": the same
-    # cap as training; a number; None: the whole validation split). The test split is never capped.
+    """domain_shift: the share of the dataset's images that goes to the source task (the rest, shifted, is the
+    target)."""
+    target_samples_per_class: int | None = Field(None, ge=1)
+    """Few-shot: at most this many labelled target training images per class; null: all."""
     target_val_samples_per_class: int | Literal["train"] | None = "train"
+    """The cap on the target's validation images per class, so selection rests on no more labels than this: `train`
+    (the training cap), a number, or null (the whole validation split). The test split is never capped."""
     max_source_samples: int | None = Field(None, ge=10)
+    """At most this many source images (a quick run on a big dataset); null: all."""
     image_size: int | None = Field(None, ge=4, le=1024)
+    """Resize every image to this many pixels a side (required by ImageFolder and s3:// sources); null: the data's
+    own size (cross_dataset: the target's)."""
     channels: Literal[1, 3] | None = None
+    """Convert every image to 1 (grey) or 3 (RGB) channels; null: the data's own (cross_dataset: the target's)."""
     val_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    """The share of each task's images held out for validation (selection, early stopping)."""
     test_fraction: float = Field(0.3, gt=0.0, lt=0.5)
+    """The share of each task's images held out for the test split (the champion gate)."""
     root: str = "~/.cache/kdflow/datasets"
+    """Where torchvision datasets are downloaded and cached."""
     download: bool = True
+    """Download a torchvision dataset missing from `root`."""
 
     @property
     def from_object_store(self) -> bool:
@@ -129,28 +149,35 @@ class TrainConfig(_Section):
     """One optimisation phase: pretraining, fine-tuning or distillation."""
 
     epochs: int = Field(10, ge=0, le=10_000)
+    """Epochs to train (a maximum with `patience`); see `epoch_over` for what one epoch is."""
     batch_size: int = Field(64, ge=1, le=65_536)
+    """Images per optimizer step."""
     lr: float = Field(0.05, gt=0.0, le=10.0)
+    """The peak learning rate (after the warm-up)."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
+    """SGD with Nesterov momentum, or AdamW."""
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD's momentum (AdamW ignores it)."""
     weight_decay: float = Field(5e-4, ge=0.0, lt=1.0)
+    """L2 weight decay (AdamW: decoupled)."""
     augment: Literal["none", "crop", "crop_flip"] = "none"
-    compile: bool = False  # torch.compile the trained model: pays off on GPUs for long runs, costs start-up time
-    # the learning rate per optimizer step: cosine to 0 over `epochs`, constant, or step (x0.1 at 50% and 75% of
-    # `epochs`), after a linear warm-up from lr/steps over `warmup_epochs`
+    """Training augmentation: none, random crops with padding, or crops and horizontal flips."""
+    compile: bool = False
+    """torch.compile the trained model: pays off on GPUs for long runs, costs start-up time."""
     schedule: Literal["cosine", "constant", "step"] = "cosine"
+    """The learning rate per optimizer step: cosine to 0 over `epochs`, constant, or step (x0.1 at 50% and 75% of
+    `epochs`), after the warm-up."""
     warmup_epochs: int = Field(0, ge=0, le=1000)
-    # early stopping: end when validation has not improved for this many epochs (`epochs` is then a maximum);
-    # None trains every epoch. The best-validation weights are kept either way.
+    """A linear warm-up from lr/steps to lr over this many epochs (below `epochs`)."""
     patience: int | None = Field(None, ge=1, le=10_000)
-    # what one epoch (one validation, one unit of `epochs`, `warmup_epochs` and `patience`) is a pass over:
-    # "transfer": the larger of the target and source training splits when the candidate's transfer set includes
-    # source images, else the target split, so training length follows the data that carries the teacher's
-    # signal; "source": the larger of the two for every candidate of a distill step, so candidates with and
-    # without source images get the same number of optimizer steps (few-shot targets: 200 images are 4 steps);
-    # "target": the labelled target split only. Where an epoch is longer than the target split, the target split
-    # is reshuffled as often as that takes.
+    """Early stopping: end when validation has not improved for this many epochs (`epochs` is then a maximum); null
+    trains every epoch. The best-validation weights are kept either way."""
     epoch_over: Literal["source", "transfer", "target"] = "source"
+    """What one epoch (one validation, one unit of `epochs`, `warmup_epochs` and `patience`) is a pass over:
+    `transfer`: the larger of the target and source training splits when the candidate's transfer set includes
+    source images, else the target split; `source`: the larger of the two for every candidate of a distill step, so
+    all get the same number of optimizer steps; `target`: the labelled target split only. Where an epoch is longer
+    than the target split, the target split is reshuffled as often as that takes."""
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainConfig:
@@ -163,21 +190,31 @@ class TeacherConfig(_Section):
     """The big network: pretrained on the source task, fine-tuned on the target task with a new head."""
 
     arch: Architecture = "cnn"
+    """The teacher's architecture (`kdflow.models`)."""
     arch_kwargs: dict[str, Any] = Field(default_factory=lambda: {"width": 32})
+    """Keyword arguments of the architecture's builder, e.g. `width` of `cnn`."""
     pretrained: str | None = None
-    # to convergence: `epochs` is a maximum, early stopping after `patience` epochs without a better validation
+    """Start from these weights instead of pretraining: a local state-dict file or a torchvision weights name
+    (torchvision architectures)."""
     pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, lr=0.05, warmup_epochs=1, patience=5))
+    """Training on the source task, to convergence (`epochs` a maximum, early stopping after `patience`)."""
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, lr=0.02, warmup_epochs=1, patience=5))
+    """Fine-tuning on the target task with a new head, to convergence likewise."""
 
 
 class PruneConfig(_Section):
     """Structured channel pruning of the fine-tuned teacher, one pruned network per ratio."""
 
     ratios: list[float] = Field(default_factory=lambda: [0.6, 0.75])
+    """Channel-pruning ratios, each in (0, 1): one pruned teacher per ratio, for the students `from_pruned` it."""
     importance: Literal["l1", "l2", "taylor", "bn_scale", "lamp", "random"] = "l2"
+    """How channels are ranked for removal (Torch-Pruning's importance criteria)."""
     global_pruning: bool = False
+    """Rank channels across all layers at once instead of layer by layer."""
     round_to: int | None = Field(None, ge=1)
+    """Keep channel counts multiples of this (hardware-friendly shapes); null: any count."""
     calibration_batches: int = Field(4, ge=1, le=1000)
+    """Training batches the `taylor` criterion scores channels on (it needs gradients)."""
 
     @field_validator("ratios")
     @classmethod
@@ -196,10 +233,15 @@ class StudentConfig(_Section):
     it is what the teacher's knowledge (its weights and its outputs) is measured against."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
+    """The student's name: the first half of its candidates' names (`<student>-<loss>`)."""
     from_pruned: float | None = None
+    """Start from the teacher pruned at this ratio (one of `prune.ratios`)."""
     arch: Architecture | None = None
+    """Or a fresh architecture from `kdflow.models`."""
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of `arch`'s builder."""
     reinit: bool = False
+    """A pruned student with random weights (the pruned shapes only): the from-scratch baseline."""
 
     @model_validator(mode="after")
     def _one_origin(self) -> StudentConfig:
@@ -222,15 +264,24 @@ class LossConfig(_Section):
     """How a student learns: the objective kind and its weights (see `kdflow.objectives`)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
+    """The loss's name: the second half of its candidates' names."""
     kind: Literal[OBJECTIVE_KINDS]
+    """The objective (`kdflow.objectives`): `ce` (no teacher), `kd`, `logit_mse`, `hint`, `dkd` or `dist`."""
     temperature: float = Field(4.0, gt=0.0, le=100.0)
+    """The softmax temperature T of kd, hint, dkd and dist."""
     alpha: float = Field(0.9, ge=0.0, le=1.0)
+    """kd and hint: the weight of the distillation term, (1 − α)·CE + α·T²·KL; dkd: TCKD's weight."""
     lam: float = Field(1.0, ge=0.0, le=1e4)
+    """logit_mse: the weight λ of its term, CE + λ·‖f_T(x) − f_S(x)‖²."""
     beta: float = Field(1.0, ge=0.0, le=1e4)
-    gamma: float = Field(1.0, ge=0.0, le=1e4)  # DIST's intra-class weight
-    # z-score the student's and the teacher's transfer logits before the softened softmax (kd, dkd)
+    """dkd: NCKD's weight; dist: the inter-class term's weight; hint: the feature hint's weight."""
+    gamma: float = Field(1.0, ge=0.0, le=1e4)
+    """dist: the intra-class term's weight."""
     standardize: bool = False
+    """z-score the student's and the teacher's transfer logits before the softened softmax (kd, dkd)."""
     transfer: Literal["target", "source", "both"] = "target"
+    """The images the distillation term is computed on: the target task's, the source task's, or both (dkd: target
+    only, it needs labels)."""
 
     @model_validator(mode="after")
     def _kind_options(self) -> LossConfig:
@@ -254,19 +305,30 @@ class SearchConfig(_Section):
     end and is the student's candidate `<student>-<name>`."""
 
     name: str = Field("auto", pattern=r"^[A-Za-z0-9_.]+$")
-    variants: int = Field(8, ge=2, le=64)  # sampled settings, the plain-CE one included
+    """The search candidate's loss name: the candidate is `<student>-<name>`."""
+    variants: int = Field(8, ge=2, le=64)
+    """Loss settings drawn per student, the plain-CE one included."""
     rung_epochs: int = Field(3, ge=1, le=1000)
-    reduction: int = Field(2, ge=2, le=8)  # each rung keeps the best 1/reduction of the variants still training
+    """Epochs before the first halving; each later rung is `reduction` times longer."""
+    reduction: int = Field(2, ge=2, le=8)
+    """Each rung keeps the best 1/reduction of the variants still training."""
     kinds: list[Literal[OBJECTIVE_KINDS]] = Field(default_factory=lambda: ["kd", "logit_mse", "dkd", "dist"])
-    # the transfer sets to try; "source" and "both" need the source task's images (a kind needing labelled
-    # transfer images always uses "target")
+    """The logit objectives the search draws from (plain CE is always in the space)."""
     transfer: list[Literal["target", "source", "both"]] = Field(default_factory=lambda: ["target", "both"])
-    temperature: tuple[float, float] = (1.0, 8.0)  # [low, high], sampled log-uniformly like lam and beta
-    alpha: tuple[float, float] = (0.1, 1.0)  # uniform; α = 0 is the plain-CE variant every search has
+    """The transfer sets to try; `source` and `both` need the source task's images (a kind needing labelled transfer
+    images always uses `target`)."""
+    temperature: tuple[float, float] = (1.0, 8.0)
+    """[low, high] of T, sampled log-uniformly."""
+    alpha: tuple[float, float] = (0.1, 1.0)
+    """[low, high] of α, sampled uniformly (α = 0 is the plain-CE variant every search has)."""
     lam: tuple[float, float] = (0.01, 10.0)
-    beta: tuple[float, float] = (0.5, 8.0)  # DKD's NCKD weight and DIST's inter-class weight
-    gamma: tuple[float, float] = (0.5, 8.0)  # DIST's intra-class weight
+    """[low, high] of λ, sampled log-uniformly."""
+    beta: tuple[float, float] = (0.5, 8.0)
+    """[low, high] of β (DKD's NCKD weight, DIST's inter-class weight), sampled log-uniformly."""
+    gamma: tuple[float, float] = (0.5, 8.0)
+    """[low, high] of γ (DIST's intra-class weight), sampled log-uniformly."""
     sampler: Literal["tpe", "random"] = "tpe"
+    """Optuna's sampler: TPE or random."""
 
     @field_validator("kinds")
     @classmethod
@@ -325,8 +387,11 @@ class Candidate(_Section):
     candidate (`search` set) chooses its loss in its distill step; its `loss` holds only its name until then."""
 
     student: StudentConfig
+    """The student network."""
     loss: LossConfig
+    """The loss it trains with (a search candidate's: its name only, until its step chooses)."""
     search: SearchConfig | None = None
+    """The search that chooses the loss, for a search candidate."""
 
     @property
     def name(self) -> str:
@@ -342,6 +407,7 @@ class DistillConfig(_Section):
             StudentConfig(name="pruned75", from_pruned=0.75),
         ]
     )
+    """The students: every one trains with every loss."""
     losses: list[LossConfig] = Field(
         default_factory=lambda: [
             LossConfig(name="kd", kind="kd", temperature=4.0, alpha=0.9),
@@ -349,25 +415,24 @@ class DistillConfig(_Section):
             LossConfig(name="ce", kind="ce"),
         ]
     )
+    """The losses: every one trains every student."""
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=30, lr=0.05))
-    # candidates trained together in one step (one process, one data stream, one teacher pass per batch);
-    # 1 = a pod per candidate. 3 fills the local runner's two parallel slots with the default six candidates.
+    """The students' training."""
     candidates_per_step: int = Field(3, ge=1, le=256)
-    # every student also trains with plain cross-entropy (kind `ce`, named "ce") when no loss of the grid is one:
-    # the baseline each distilled candidate's gain is measured against, on the same test images
+    """Candidates trained together in one distill step (one process, one data stream, one teacher pass per batch); 1 =
+    a pod per candidate."""
     ce_baseline: bool = True
-    # each pruned student's architecture also trains from random weights with plain CE ("<student>_scratch"):
-    # the baseline that shows what the teacher's knowledge is worth, since a pruned student's own `ce` candidate
-    # starts from the pruned teacher's weights
+    """When no loss of the grid is `ce`, every student also trains with plain cross-entropy (`ce`): the baseline each
+    distilled candidate's gain is measured against, on the same test images."""
     scratch_baselines: bool = False
-    # adaptive distillation: one more candidate per student, `<student>-<search.name>`, whose loss settings a
-    # successive-halving search on validation chooses (`kdflow.search`); None = no search
+    """Each pruned student's architecture also trains from random weights with plain CE (`<student>_scratch-ce`): what
+    the teacher's weights and outputs are worth together."""
     search: SearchConfig | None = None
-    # training seeds: every candidate trains once per seed (batch order, augmentation, a fresh student's
-    # initial weights; the teacher's outputs are shared), the first seed's model is the one registered, the
-    # policy selects on the seeds' mean validation metrics and the evidence's intervals cover the seed spread;
-    # None = the run's `seed` alone. A search chooses its settings on the first seed.
+    """Adaptive distillation: one more candidate per student whose loss settings a successive-halving search on
+    validation chooses (`kdflow.search`); null: no search."""
     seeds: list[int] | None = Field(None, min_length=1, max_length=20)
+    """Training seeds: every candidate trains once per seed, the first seed's model is registered, selection uses the
+    seeds' mean validation metrics and the evidence's intervals cover the seed spread; null: the run's `seed` alone."""
 
     @field_validator("seeds")
     @classmethod
@@ -394,11 +459,16 @@ class DistillConfig(_Section):
 class EvalConfig(_Section):
     """What evaluation measures and how hard it tries (latency repeats)."""
 
-    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])  # 1 is required: policy, summary
+    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    """Batch sizes whose CPU latency is measured; 1 is required (the policy and the summary read it)."""
     latency_warmup: int = Field(5, ge=0, le=1000)
+    """Untimed forward passes before timing."""
     latency_repeats: int = Field(30, ge=1, le=10_000)
+    """Timed forward passes; the median is reported."""
     latency_threads: int = Field(1, ge=1, le=256)
+    """CPU threads while timing."""
     ece_bins: int = Field(15, ge=2, le=1000)
+    """Confidence bins of the expected calibration error."""
 
     @field_validator("latency_batch_sizes")
     @classmethod
@@ -417,39 +487,52 @@ class CheckpointConfig(_Section):
     `checkpoints/`, deleted when the pipeline succeeds."""
 
     enabled: bool = True
-    every_s: float = Field(30.0, ge=0.0)  # at most one per this many seconds of training (0: at every epoch end)
-    max_share: float = Field(0.02, gt=0.0)  # ... and writing them costs at most this share of the training time
+    """Write epoch checkpoints (off: an interrupted training step starts again from its first epoch)."""
+    every_s: float = Field(30.0, ge=0.0)
+    """At most one checkpoint per this many seconds of training (0: at every epoch's end)."""
+    max_share: float = Field(0.02, gt=0.0)
+    """And only while writing them costs at most this share of the training time (the last write's cost tells)."""
 
 
 class PolicyConfig(_Section):
     """How the best candidate is chosen on validation data, before the champion gate on test data."""
 
     metric: Literal["val_top1", "val_top5", "val_loss"] = "val_top1"
+    """What the best candidate is chosen by, on validation data."""
     min_compression: float | None = Field(4.0, ge=1.0)
+    """Candidates need teacher params / student params of at least this; null: no constraint."""
     max_params: int | None = Field(None, ge=1)
+    """Candidates need at most this many parameters; null: no constraint."""
     max_latency_ms: float | None = Field(None, gt=0.0)
+    """Candidates need a batch-1 CPU latency of at most this; null: no constraint."""
     min_teacher_retention: float | None = Field(None, gt=0.0, le=2.0)
+    """Candidates need student / teacher validation accuracy of at least this; null: no constraint."""
 
 
 class RegistryConfig(_Section):
     """Where candidates are registered and what a new champion must beat."""
 
     model_name: str = Field("kdflow-digits-student", min_length=1, max_length=256)
+    """The registered model every candidate becomes a version of."""
     teacher_model_name: str = Field("kdflow-digits-teacher", min_length=1, max_length=256)
-    # (200, not MLflow's 255: the alias is part of the registered-model tag keys of its move history)
+    """The registered model of the teachers (apart, so they never compete for the alias)."""
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", max_length=200)
+    """The alias the champion carries (at most 200 characters: it is part of the tag keys of its move history)."""
     champion_metric: Literal["test_top1", "test_top5"] = "test_top1"
+    """What the pick must beat the current champion on, on the same test data."""
     min_improvement: float = Field(0.0, ge=0.0, le=1.0)
-    # "improvement": the pick becomes champion when its champion_metric beats the champion's by more than
-    # min_improvement; "significance": only when the paired test on the same test images says it is better
-    # (McNemar p < significance_level and the paired bootstrap interval above 0; top-1 only)
+    """gate improvement: the margin the pick must beat the champion by."""
     gate: Literal["improvement", "significance"] = "improvement"
+    """`improvement`: the pick becomes champion when its champion_metric beats the champion's by more than
+    min_improvement; `significance`: only when a paired test on the same test images says it is better (McNemar p <
+    significance_level and the paired bootstrap interval above 0; top-1 only)."""
     significance_level: float = Field(0.05, gt=0.0, lt=1.0)
-    # after its last write of the alias, a register step watches it this long and writes again if a concurrent
-    # pipeline's stale write put a worse pick there (`kdflow.registry.settle_alias`); longer than any
-    # read-to-write gap of a register step on this tracking server
+    """gate significance: the McNemar p-value the pick must stay below."""
     settle_seconds: float = Field(2.0, ge=0.0, le=600.0)
+    """After its last write of the alias, a register step watches it this long and writes again if a concurrent
+    pipeline's stale write put a worse pick there (`kdflow.registry.settle_alias`)."""
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    """How the pick is chosen among the candidates."""
 
     @field_validator("model_name", "teacher_model_name")
     @classmethod
@@ -500,28 +583,41 @@ class Resources(_Section):
     """CPU/memory requests and limits for one kind of step (Kubernetes quantities: "4", "500m", "16G")."""
 
     cpu_request: str | None = Field(None, pattern=K8S_QUANTITY)
+    """CPU request, e.g. `4` or `500m`."""
     cpu_limit: str | None = Field(None, pattern=K8S_QUANTITY)
+    """CPU limit."""
     memory_request: str | None = Field(None, pattern=K8S_QUANTITY)
+    """Memory request, e.g. `16G`."""
     memory_limit: str | None = Field(None, pattern=K8S_QUANTITY)
+    """Memory limit."""
 
 
 class Toleration(_Section):
     """A pod toleration, so GPU steps may land on tainted GPU nodes."""
 
     key: str
+    """The taint's key."""
     operator: Literal["Exists", "Equal"] = "Exists"
+    """`Exists` (any value) or `Equal` (`value`)."""
     value: str | None = None
+    """With `Equal`: the taint's value."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """The taint effect tolerated; null: all."""
     toleration_seconds: int | None = Field(None, ge=0)
+    """With `NoExecute`: how long the pod stays after the taint appears."""
 
 
 class RetryConfig(_Section):
     """Retries with exponential backoff for transient failures (node preemption, a flaky store)."""
 
     max_retries: int = Field(2, ge=0, le=100)
+    """Retries of a failed step (the local runner never retries)."""
     backoff: str = Field("30s", pattern=DURATION)
+    """The first wait before a retry, in whole seconds (`30s`)."""
     backoff_factor: float = Field(2.0, ge=1.0, le=10.0)
+    """Each later wait is this many times longer."""
     max_backoff: str = Field("600s", pattern=DURATION)
+    """The longest wait, in whole seconds."""
 
 
 class ClusterConfig(_Section):
@@ -529,45 +625,71 @@ class ClusterConfig(_Section):
 
     KFP fixes these in the compiled spec, so they apply at `kdflow compile` / `kdflow submit` time."""
 
-    gpus: int = Field(1, ge=0, le=16)  # per training step: teacher, distill, evaluate
-    teacher_gpus: int | None = Field(None, ge=0, le=16)  # the teacher step's own count (DDP); None = `gpus`
+    gpus: int = Field(1, ge=0, le=16)
+    """GPUs per training step (teacher, distill, evaluate); 0: CPU only."""
+    teacher_gpus: int | None = Field(None, ge=0, le=16)
+    """The teacher step's own GPU count (several: DDP); null: `gpus`."""
     accelerator: str = "nvidia.com/gpu"
-    teacher_processes: int | None = Field(None, ge=1, le=64)  # torchrun workers; None = one per visible GPU
-    # GPU steps only, e.g. {"nvidia.com/gpu.present": "true"}
+    """The GPU resource name."""
+    teacher_processes: int | None = Field(None, ge=1, le=64)
+    """torchrun workers of the teacher step; null: one per visible GPU."""
     node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels GPU steps must land on, e.g. {"nvidia.com/gpu.present": "true"}."""
     tolerations: list[Toleration] = Field(
         default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
     )
+    """Tolerations of the GPU steps, so they may land on tainted GPU nodes."""
     gpu_resources: Resources = Field(
         default_factory=lambda: Resources(cpu_request="4", cpu_limit="8", memory_request="16G", memory_limit="32G")
     )
+    """Requests and limits of the GPU steps."""
     cpu_resources: Resources = Field(
         default_factory=lambda: Resources(cpu_request="1", cpu_limit="2", memory_request="2G", memory_limit="4G")
     )
-    shm_size: str | None = Field("2Gi", pattern=K8S_QUANTITY)  # memory-backed /dev/shm; None = no mount
+    """Requests and limits of the CPU steps."""
+    shm_size: str | None = Field("2Gi", pattern=K8S_QUANTITY)
+    """A memory-backed /dev/shm of this size for the training steps; null: no mount."""
     retry: RetryConfig = Field(default_factory=RetryConfig)
+    """Retries of transient failures."""
     cache_data_prep: bool = True
-    tracking_config_map: str | None = "kdflow-mlflow"  # ConfigMap with MLFLOW_TRACKING_URI (+ MLFLOW_S3_ENDPOINT_URL)
+    """Let KFP reuse a data prep of the same config (never for s3:// data, which can change)."""
+    tracking_config_map: str | None = "kdflow-mlflow"
+    """The ConfigMap with MLFLOW_TRACKING_URI (and MLFLOW_S3_ENDPOINT_URL); null: none."""
     config_map_keys: list[str] = Field(default_factory=lambda: ["MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"])
-    s3_secret: str | None = "kdflow-s3"  # Secret with the S3 credentials for data and MLflow artifacts
+    """The ConfigMap's keys passed to the steps as environment variables."""
+    s3_secret: str | None = "kdflow-s3"
+    """The Secret with the S3 credentials for data and MLflow artifacts; null: none."""
     secret_keys: list[str] = Field(default_factory=lambda: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
-    pipeline_root: str | None = None  # e.g. "s3://kdflow-pipelines/root"; None = the cluster's default
+    """The Secret's keys passed to the steps as environment variables."""
+    pipeline_root: str | None = None
+    """Where KFP keeps the steps' artifacts, e.g. `s3://kdflow-pipelines/root`; null: the cluster's default."""
 
 
 class Config(_Section):
     """A whole kdflow run."""
 
     experiment: str = Field("kdflow-digits", min_length=1)
+    """The MLflow experiment the run's records go to."""
     seed: int = Field(0, ge=0)
+    """The run's seed: splits, initial weights, batch order."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where training runs: a GPU when there is one (`auto`), or the one named."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """The source and target tasks."""
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    """The teacher."""
     prune: PruneConfig = Field(default_factory=PruneConfig)
+    """Pruning of the teacher."""
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    """The candidate grid and its training."""
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    """What evaluation measures."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Epoch checkpoints of the training steps, for resume."""
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    """Registration and the champion."""
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    """Kubeflow placement (applied at compile and submit time)."""
 
     @model_validator(mode="after")
     def _students_match_pruning(self) -> Config:
@@ -645,9 +767,9 @@ class Config(_Section):
 def _format_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = format_key(e["loc"]) or "<root>"  # list entries as [i], the form --set reads
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            lines.append(f"  {key}: unknown key{did_you_mean(Config, e['loc'])}")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
@@ -712,14 +834,26 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config ({origin}): top level must be a mapping, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {dotted}: {part} is not a section")
-        node[leaf] = value
+        apply_override(data, Config, dotted, value)
     return parse_config(data, origin)
+
+
+def config_yaml(cfg: Config, origin: str = "") -> str:
+    """The whole config as YAML, every key with its value (defaults included), in the schema's order: what
+    `kdflow config show` prints. `load_config` reads it back to the same config."""
+    head = f"# kdflow config: {origin}\n" if origin else ""
+    return head + yaml.dump(cfg.model_dump(mode="json"), Dumper=_ConfigDumper, sort_keys=False, width=1000)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Sections as blocks, a list of plain values on one line (`ratios: [0.6, 0.75]`)."""
+
+    def represent_list(self, data):
+        flow = all(not isinstance(v, (dict, list)) for v in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_ConfigDumper.add_representer(list, _ConfigDumper.represent_list)
 
 
 def config_from_json(text: str) -> Config:

@@ -25,6 +25,18 @@ LOCAL_RUN_TAG = "kdflow.local_run"  # on the parent run of a local run: that id
 RESUME_ENV = "KDFLOW_RESUME"  # set by `kdflow run --resume` for its steps: JSON, the run it continues
 FAILURE_TAG = "kdflow.failure_reason"
 PROGRESS_PREFIX = "[kdflow]"
+# a machine-readable progress line: the prefix and one JSON object (a training phase's start, each epoch, its end),
+# printed instead of the epoch lines in a local run, whose console renders them (`kdflow.runner.progress`)
+PROGRESS_EVENT = "[kdflow-progress]"
+
+
+def progress_event(phase: str, epoch: int, of: int, **extra: float | bool) -> None:
+    """Print one progress event: `phase` at `epoch` of at most `of`, with this process's clock."""
+    import json
+    import time
+
+    event = {"phase": phase, "epoch": epoch, "of": of, "time": round(time.time(), 3), **extra}
+    print(f"{PROGRESS_EVENT} {json.dumps(event)}", flush=True)
 
 
 def kdflow_home() -> Path:
@@ -309,8 +321,10 @@ def open_child_run(experiment_id: str, parent_id: str, name: str, step: str, tag
 
 
 class epoch_logger:  # noqa: N801 - called like the function it was
-    """An `on_epoch` callback for `kdflow.engine.loop.fit`: prints one progress line (the local runner shows lines
-    starting with PROGRESS_PREFIX) and logs each epoch's metrics to MLflow (the active run, or `run_id`).
+    """An `on_epoch` callback for `kdflow.engine.loop.fit`: prints progress and logs each epoch's metrics to MLflow
+    (the active run, or `run_id`). In a local `kdflow run` (LOCAL_RUN_ENV set) the progress is an event a line
+    (PROGRESS_EVENT: the start, every epoch with its time, the end), which the run's console renders; elsewhere
+    (a pod's log) a readable PROGRESS_PREFIX line every fifth of the epochs.
     Metrics are sent in batches, at least every `flush_every_s` seconds, after the last epoch and on `close()`
     (the engine calls it when the student's training ends, early stopping included): one store round trip per
     epoch costs more than a small model's epoch."""
@@ -328,7 +342,11 @@ class epoch_logger:  # noqa: N801 - called like the function it was
             flush_every_s,
         )
         self.pending: list = []
-        self.last_flush = time.monotonic()
+        self.last_flush, self.last_epoch = time.monotonic(), 0
+        # a local run's console renders events (every epoch, with its time); a pod's log gets readable lines
+        self.events = bool(os.environ.get(LOCAL_RUN_ENV))
+        if self.events:
+            progress_event(label, 0, epochs)
 
     def flush(self) -> None:
         import time
@@ -342,7 +360,11 @@ class epoch_logger:  # noqa: N801 - called like the function it was
         self.pending.clear()
         self.last_flush = time.monotonic()
 
-    close = flush
+    def close(self) -> None:
+        """The phase ended (its last epoch, early stopping or a search's rung): the buffered epochs go out."""
+        self.flush()
+        if self.events:
+            progress_event(self.label, self.last_epoch, self.epochs, done=True)
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
         import time
@@ -350,11 +372,20 @@ class epoch_logger:  # noqa: N801 - called like the function it was
         import mlflow
 
         now = int(time.time() * 1000)
+        self.last_epoch = epoch
         self.pending.extend(
             mlflow.entities.Metric(f"{self.prefix}{k}", float(v), now, epoch) for k, v in metrics.items()
         )
         if epoch >= self.epochs or time.monotonic() - self.last_flush >= self.flush_every_s:
             self.flush()
+        if self.events:
+            shown = {
+                k: round(float(v), 4)
+                for k, v in (("loss", metrics.get("train_loss")), ("val_acc", metrics.get("val_acc")))
+                if v is not None
+            }
+            progress_event(self.label, epoch, self.epochs, **shown)
+            return
         if epoch % max(1, self.epochs // 5) and epoch != self.epochs:
             return
         print(
