@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kfp import compiler
 
-from kdflow.config import ClusterConfig, Config
+from kdflow.config import ClusterConfig, Config, ConfigError, first_difference
 from kdflow.pipelines.kdflow_pipeline import build_pipeline
 
 
@@ -28,6 +28,17 @@ def cluster_settings(cfg: Config) -> ClusterConfig:
 
 
 def compile_pipeline(cfg: Config, out: str | Path, tracking_uri: str = "") -> Path:
+    """Write the IR YAML. A credential written into the config is refused: the compiled spec (and the cluster's
+    UI) would show it; the config names it as `${env:NAME}` instead, NAME coming from a Kubernetes Secret."""
+    from kdflow.secrets import to_env
+
+    data = cfg.model_dump(mode="json")
+    if to_env(data)[1]:
+        key = first_difference(to_env(data)[0], data)
+        raise ConfigError(
+            f"{key} holds a credential, which the compiled pipeline would show: write it as ${{env:NAME}} and give "
+            "the pods NAME from a Kubernetes Secret (cluster.s3_secret and cluster.secret_keys)"
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(

@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 from typing import IO
 
-from kdflow import tracking
-from kdflow.config import Config
+from kdflow import secrets, tracking
+from kdflow.config import Config, first_difference
 from kdflow.runner import progress, stepserver
 from kdflow.runtime import cpus, filelock, procs
 
@@ -99,14 +99,16 @@ def run_local(
         tracking.ensure_experiment(cfg.experiment, uri)  # creates the SQLite store once, before steps race for it
         close_dead_run(active)  # we hold the lock: a run that left its record behind was killed
         plan = plan_resume(home, cfg) if resume else None
-        record = {"local_run": run_id, "pid": os.getpid(), "experiment": cfg.experiment}
+        record = {"local_run": run_id, "pid": os.getpid(), "experiment": cfg.experiment, "tracking_uri": uri}
         active.write_text(json.dumps(record))
         earlier = sorted(d.name for d in (home / "pipeline-root").glob("*/"))  # so the next resume finds ours
-        last = LastRun(home, {**record, "config": cfg.model_dump(mode="json"), "status": "running", "resumes": plan})
+        config = cfg.model_dump(mode="json")  # recorded without its credentials, if any: --resume asks for them
+        last = LastRun(home, {**record, "config": secrets.scrub(config), "status": "running", "resumes": plan})
+        last.update(credentials=secrets.scrub(config) != config)
         last.update(earlier_dirs=earlier)
         try:
             with _env(tracking.RESUME_ENV, json.dumps(plan)) if plan else contextlib.nullcontext():
-                with Interrupt(server, cfg.experiment, run_id, last, home):
+                with Interrupt(server, cfg.experiment, run_id, last, home, uri):
                     summary = _run(cfg, home, uri, verbose)
         except BaseException:
             last.update(status="failed")
@@ -145,7 +147,8 @@ def close_dead_run(active: Path) -> list[str]:
             f"the kdflow run (pid {dead['pid']}) that started it ended without closing it (killed?); "
             "closed by the next run on its home"
         )
-        closed = tracking.close_orphans(dead["experiment"], dead["local_run"], reason)
+        # in the store that run used (another --tracking-uri than this run's, maybe)
+        closed = tracking.close_orphans(dead["experiment"], dead["local_run"], reason, uri=dead.get("tracking_uri"))
     except (OSError, ValueError, KeyError) as err:
         print(f"{tracking.PROGRESS_PREFIX} could not read the record of an earlier run ({err}); ignored", flush=True)
         closed = []
@@ -191,6 +194,11 @@ class LastRun:
 def recorded_config(home: Path) -> Config | None:
     """The config of the latest local run on `home` (what `kdflow run --resume` continues with), if recorded."""
     last = LastRun.read(home)
+    if last and last.get("credentials"):
+        raise ResumeError(
+            "--resume: the interrupted run's config held credentials, which are not recorded: "
+            "pass the same -c/--set again"
+        )
     return Config.model_validate(last["config"]) if last else None
 
 
@@ -203,8 +211,8 @@ def plan_resume(home: Path, cfg: Config) -> dict:
         raise ResumeError(f"--resume: no earlier kdflow run on {home} to continue")
     if last["status"] == "succeeded":
         raise ResumeError(f"--resume: the last kdflow run on {home} finished; there is nothing to continue")
-    if cfg.model_dump(mode="json") != last["config"]:
-        key = _first_difference(cfg.model_dump(mode="json"), last["config"])
+    if secrets.scrub(cfg.model_dump(mode="json")) != last["config"]:
+        key = first_difference(secrets.scrub(cfg.model_dump(mode="json")), last["config"])
         raise ResumeError(f"--resume: {key} differs from the interrupted run's config; resume it without -c/--set")
     parent = tracking.find_local_parent(last["experiment"], last["local_run"])
     if parent is None and last.get("resumes"):  # a resumed run stopped before it took over the parent run
@@ -232,15 +240,6 @@ def _last_run_dir(home: Path, last: dict, run_name: str) -> Path:
     return root / run_name
 
 
-def _first_difference(a, b, prefix: str = "") -> str:
-    """The first dotted key where two config dicts differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-    return prefix or "the config"
-
-
 class Interrupt:
     """SIGINT (Ctrl-C) and SIGTERM while a local run runs: stop it within seconds, never retrying a step.
 
@@ -253,8 +252,9 @@ class Interrupt:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     DEADLINE_S = 8.0  # however the store answers, the process is gone by then
 
-    def __init__(self, server: stepserver.StepServer, experiment: str, local_run: str, last: LastRun, home: Path):
+    def __init__(self, server: stepserver.StepServer, experiment: str, local_run: str, last: LastRun, home: Path, uri):
         self.server, self.experiment, self.local_run, self.last, self.home = server, experiment, local_run, last, home
+        self.uri = uri
         self.before: dict = {}
 
     def __enter__(self) -> Interrupt:
@@ -280,7 +280,7 @@ class Interrupt:
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
         reason = f"interrupted by {name}; continue it with `kdflow run --resume --home {self.home}`"
         try:
-            closed = tracking.close_orphans(self.experiment, self.local_run, reason, status="KILLED")
+            closed = tracking.close_orphans(self.experiment, self.local_run, reason, status="KILLED", uri=self.uri)
         except Exception as err:  # the store is unreachable: the next run on the home closes them
             closed = []
             print(f"could not mark the MLflow runs KILLED ({type(err).__name__}: {err})", file=sys.__stderr__)
@@ -333,6 +333,10 @@ def _run(cfg: Config, home: Path, uri: str, verbose: bool) -> dict:
     )
     original_print = builtins.print  # kfp.local swaps print() to indent step logs and may not restore it
     arguments = pipeline_arguments(cfg, uri)
+    # a credential in the config reaches the steps by environment (their command lines show in `ps`)
+    config, secret_env = secrets.to_env(json.loads(arguments["config_json"]))
+    arguments["config_json"] = json.dumps(config)
+    os.environ.update(secret_env)
     steps = progress.pipeline_steps(len(arguments["candidates"]))
     log = ProgressLog(home / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log", sys.stdout, verbose, steps)
     try:

@@ -76,7 +76,7 @@ def test_credentials_in_the_tracking_uri_move_to_the_environment(monkeypatch):
 
     seen = {}
 
-    def fake_run_local(cfg, home, uri, verbose):
+    def fake_run_local(cfg, home, uri, verbose, resume=False):
         seen["uri"] = uri
         seen["env"] = {v: os.environ.get(v) for v in tracking.CREDENTIAL_ENV}
         raise SystemExit(0)
@@ -121,3 +121,42 @@ def test_log_params_redacts(monkeypatch):
     monkeypatch.setattr(mlflow, "log_params", lambda params: sent.update(params))
     tracking.log_params({"student.arch_kwargs": {"secret_key": SECRET}, "data.source": f"http://u:{SECRET}@h/x"})
     assert SECRET not in json.dumps(sent) and sent["data.source"] == "http://***@h/x"
+
+
+def test_config_credentials_travel_by_environment_and_come_back_in_the_step(monkeypatch):
+    from kdflow import secrets
+    from kdflow.config import ConfigError, config_from_json, load_config
+
+    cfg = load_config(
+        overrides={
+            "distill.students": [{"name": "s", "arch": "cnn", "arch_kwargs": {"width": 4, "api_token": SECRET}}],
+            "data.source": f"http://alice:{SECRET}@data.example/digits.tgz",
+        }
+    )
+    as_json = cfg.model_dump(mode="json")
+    refs, env = secrets.to_env(as_json)
+    text = json.dumps(refs)
+    assert SECRET not in text and len(env) == 2  # the token, and the URI's user-info
+    assert sorted(env.values()) == sorted([SECRET, f"alice:{SECRET}"])
+    name = next(k for k, v in env.items() if v == SECRET)
+    assert refs["distill"]["students"][0]["arch_kwargs"]["api_token"] == "${env:" + name + "}"
+    assert secrets.to_env(refs) == (refs, {})  # references stay references
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert config_from_json(text) == cfg  # what the step sees: the config itself
+    monkeypatch.delenv(name)
+    with pytest.raises(ConfigError, match=f"the environment variable {name}, which is not set"):
+        config_from_json(text)
+
+
+def test_compile_refuses_a_credential_in_the_config(tmp_path):
+    from kdflow.config import ConfigError, load_config
+    from kdflow.pipelines.compile import compile_pipeline
+
+    students = [{"name": "s", "arch": "cnn", "arch_kwargs": {"width": 4, "api_token": SECRET}}]
+    cfg = load_config(overrides={"distill.students": students})
+    with pytest.raises(ConfigError, match=r"^distill.students holds a credential"):
+        compile_pipeline(cfg, tmp_path / "p.yaml")
+    assert not (tmp_path / "p.yaml").exists()
+    students[0]["arch_kwargs"]["api_token"] = "${env:MY_TOKEN}"  # named, not written: fine
+    assert compile_pipeline(load_config(overrides={"distill.students": students}), tmp_path / "p.yaml").is_file()

@@ -92,7 +92,10 @@ def run(
     if home.exists() and not home.is_dir():
         raise _fail(f"--home {home}: not a directory")
     if resume and config is None and not set_:  # the interrupted run's own config
-        cfg = recorded_config(home) if home.is_dir() else None
+        try:
+            cfg = recorded_config(home) if home.is_dir() else None
+        except ResumeError as err:
+            raise _fail(err) from None
         if cfg is None:
             raise _fail(f"--resume: no earlier kdflow run on {home} to continue")
     else:
@@ -229,7 +232,10 @@ def compile_(
     from kdflow.pipelines.compile import compile_pipeline
 
     cfg = _load(config, set_)
-    path = compile_pipeline(cfg, output, tracking_uri)
+    try:
+        path = compile_pipeline(cfg, output, tracking_uri)
+    except ConfigError as err:
+        raise _fail(err) from None
     console.print(f"wrote {path} ({len(cfg.candidates())} candidates)")
 
 
@@ -331,7 +337,10 @@ def submit(
         raise _fail(err, 2) from None
     with tempfile.TemporaryDirectory(prefix="kdflow-submit-") as tmp:
         if package is None:
-            package = compile_pipeline(_load(config, set_), Path(tmp) / "kdflow-pipeline.yaml")
+            try:
+                package = compile_pipeline(_load(config, set_), Path(tmp) / "kdflow-pipeline.yaml")
+            except ConfigError as err:
+                raise _fail(err) from None
         try:
             plan = kfp.plan(package, params, experiment, run_name, schedule)
             console.print(f"KFP API {host} (auth: {escape(auth.source)})", soft_wrap=True)

@@ -856,6 +856,22 @@ class _ConfigDumper(yaml.SafeDumper):
 _ConfigDumper.add_representer(list, _ConfigDumper.represent_list)
 
 
+def first_difference(a, b, prefix: str = "") -> str:
+    """The first dotted key where two config dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+    return prefix or "the config"
+
+
 def config_from_json(text: str) -> Config:
-    """What each pipeline step calls on the config string it was handed."""
-    return parse_config(json.loads(text), "pipeline parameter config_json")
+    """What each pipeline step calls on the config string it was handed: its `${env:NAME}` references (the
+    credentials a local run moved to the environment, or that a pod gets from a Kubernetes Secret) resolved."""
+    from kdflow.secrets import from_env
+
+    try:
+        data = from_env(json.loads(text))
+    except KeyError as err:
+        raise ConfigError(f"invalid config (pipeline parameter config_json): {err.args[0]}") from None
+    return parse_config(data, "pipeline parameter config_json")

@@ -470,13 +470,15 @@ def find_local_parent(experiment: str, local_run: str) -> tuple[str, str] | None
     return (found[0].data.tags[PIPELINE_RUN_TAG], found[0].info.run_name) if found else None
 
 
-def close_orphans(experiment: str, local_run: str, reason: str, status: str = "FAILED") -> list[str]:
+def close_orphans(
+    experiment: str, local_run: str, reason: str, status: str = "FAILED", uri: str | None = None
+) -> list[str]:
     """End as `status` (FAILED; KILLED for an interrupted run), with `reason` as their `kdflow.failure_reason`
     tag, the runs a local run left RUNNING: its parent run (found by its `kdflow.local_run` tag) and that
-    parent's children. Returns their names."""
+    parent's children, in the store at `uri` (default: this process's). Returns their names."""
     import mlflow
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
