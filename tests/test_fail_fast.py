@@ -53,6 +53,10 @@ def test_split_credentials_and_redact():
             ["--tracking-uri", "http://alice:" + SECRET + "@127.0.0.1:{port}"],
             "error: MLflow tracking server http://127.0.0.1:{port} is not reachable",
         ),
+        (
+            ["--tracking-uri", "ftp://127.0.0.1/x"],
+            "error: tracking URI ftp://127.0.0.1/x: MLflow has no tracking store for the scheme 'ftp'",
+        ),
     ],
 )  # fmt: skip
 def test_bad_input_fails_in_seconds_naming_it_and_writes_nothing(tmp_path, args, message):
@@ -76,7 +80,7 @@ def test_credentials_in_the_tracking_uri_move_to_the_environment(monkeypatch):
 
     seen = {}
 
-    def fake_run_local(cfg, home, uri, verbose):
+    def fake_run_local(cfg, home, uri, verbose, resume=False):
         seen["uri"] = uri
         seen["env"] = {v: os.environ.get(v) for v in tracking.CREDENTIAL_ENV}
         raise SystemExit(0)
@@ -121,3 +125,30 @@ def test_log_params_redacts(monkeypatch):
     monkeypatch.setattr(mlflow, "log_params", lambda params: sent.update(params))
     tracking.log_params({"student.arch_kwargs": {"secret_key": SECRET}, "data.source": f"http://u:{SECRET}@h/x"})
     assert SECRET not in json.dumps(sent) and sent["data.source"] == "http://***@h/x"
+
+
+def test_a_corrupt_sqlite_store_fails_in_seconds_naming_it_and_is_left_as_it_was(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    junk = b"SQLite format 3\x00" + bytes(range(256)) * 16
+    (home / "mlflow.db").write_bytes(junk)
+    proc, took = _kdflow("--home", str(home), cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert out.strip().splitlines()[-1] == (
+        f"error: MLflow store {home / 'mlflow.db'} is not a readable SQLite database (file is not a database)"
+    ), out
+    assert "Traceback" not in out and took < 30
+    assert sorted(p.name for p in home.iterdir()) == ["mlflow.db"] and (home / "mlflow.db").read_bytes() == junk
+
+
+def test_a_pipeline_package_that_is_not_yaml_is_one_line(tmp_path):
+    from kdflow import submit
+
+    path = tmp_path / "pipe.yaml"
+    path.write_text("this: is not\n- a pipeline\n")
+    with pytest.raises(submit.SubmitError) as err:
+        submit.plan(path, {}, None, None, None)
+    assert str(err.value) == (
+        f"pipeline package {path} is not valid YAML: expected <block end>, but found '-' at line 2, column 1"
+    )

@@ -643,16 +643,19 @@ class Config(_Section):
 
 
 def _format_error(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid config ({origin}):"]
+    """One line for one bad key (`invalid config (origin): key: why (got value)`), else one line per key."""
+    problems = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            problems.append(f"{key}: unknown key")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg']}{shown}")
-    return "\n".join(lines)
+            problems.append(f"{key}: {e['msg']}{shown}")
+    if len(problems) == 1:
+        return f"invalid config ({origin}): {problems[0]}"
+    return "\n".join([f"invalid config ({origin}):", *(f"  {p}" for p in problems)])
 
 
 def parse_config(data: dict[str, Any] | None, origin: str = "<dict>") -> Config:
@@ -695,6 +698,13 @@ BUILTIN_RUN: dict[str, Any] = {
 }  # fmt: skip
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: the problem and where (`line 3, column 7`)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML config (or the built-in default run, `BUILTIN_RUN`, when `path` is None) and apply dotted
     overrides. A file's values replace the schema's defaults (`Config()`); the built-in run is one such file."""
@@ -707,7 +717,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {p} is not valid YAML: {yaml_problem(err)}") from None
         origin = str(p)
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config ({origin}): top level must be a mapping, got {type(data).__name__}")
