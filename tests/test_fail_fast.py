@@ -54,6 +54,27 @@ def test_split_credentials_and_redact():
             "error: MLflow tracking server http://127.0.0.1:{port} is not reachable",
         ),
         (
+            ["--set", "data.source=mnistt"],
+            "error: data.source: unknown data source 'mnistt': use digits, mnist-idx:<dir>, usps:<dir>",
+        ),
+        (["--set", "data.source=mnist-idx:{file}"], "error: data.source: mnist-idx directory not found: {file}"),
+        (
+            ["--set", "data.source=mnist-idx:{tmp}"],
+            "error: data.source: no '*-images-idx3-ubyte[.gz]' + '*-labels-idx1-ubyte[.gz]' pair in {tmp}",
+        ),
+        (
+            ["--set", "data.setup=cross_dataset", "--set", "data.target=usps:{tmp}"],
+            "error: data.target: no usps.bz2 or usps.t.bz2 in {tmp}",
+        ),
+        (
+            ["--set", "data.setup=cross_dataset", "--set", "data.target=imagefolder:{tmp}/nope"],
+            "error: data.target: imagefolder path not found: {tmp}/nope",
+        ),
+        (
+            ["--set", "data.setup=cross_dataset", "--set", "data.target=imagefolder:{tmp}"],
+            "error: data.target: imagefolder:{tmp} needs data.image_size (images come in any size)",
+        ),
+        (
             ["--tracking-uri", "ftp://127.0.0.1/x"],
             "error: tracking URI ftp://127.0.0.1/x: MLflow has no tracking store for the scheme 'ftp'",
         ),
@@ -62,7 +83,7 @@ def test_split_credentials_and_redact():
 def test_bad_input_fails_in_seconds_naming_it_and_writes_nothing(tmp_path, args, message):
     file, port = tmp_path / "a-file", _free_port()
     file.write_text("not a folder")
-    fill = {"file": str(file), "port": str(port)}
+    fill = {"file": str(file), "port": str(port), "tmp": str(tmp_path)}
     proc, took = _kdflow(*[a.format(**fill) for a in args], cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out

@@ -114,6 +114,15 @@ class DataConfig(_Section):
 
 
 LOCAL_PATH_SOURCES = ("mnist-idx:", "usps:", "imagefolder:")
+TORCHVISION_SOURCES = ("mnist", "fashion-mnist", "cifar10", "cifar100")
+
+
+def unknown_source(spec: str) -> str:
+    """The message for a data source string that is none of the forms `kdflow.data.load_source` reads."""
+    return (
+        f"unknown data source {spec!r}: use digits, mnist-idx:<dir>, usps:<dir>, imagefolder:<dir>, "
+        f"s3://<bucket>/<prefix>/, s3://<bucket>/<archive>.tar.gz|.zip or one of {', '.join(TORCHVISION_SOURCES)}"
+    )
 
 
 def absolute_source(spec: str | None, base: Path) -> str | None:
@@ -123,6 +132,32 @@ def absolute_source(spec: str | None, base: Path) -> str | None:
             path = Path(spec[len(prefix) :]).expanduser()
             return prefix + str(path if path.is_absolute() else (base / path).resolve())
     return spec
+
+
+def local_source_problem(spec: str | None, image_size: int | None) -> str | None:
+    """Why a data source cannot be read, known before any of it is: a string of no known form, or a local folder
+    (`mnist-idx:`, `usps:`, `imagefolder:`) that is missing, holds none of the files its reader looks for, or is
+    an image folder without `data.image_size`; in the words of its reader in `kdflow.data.sources`. None when
+    nothing is known wrong. `kdflow run` asks before it starts the pipeline, so such a run fails in seconds
+    rather than in data prep."""
+    if spec is None or spec == "digits" or spec in TORCHVISION_SOURCES or spec.startswith("s3://"):
+        return None
+    prefix = next((p for p in LOCAL_PATH_SOURCES if spec.startswith(p) and len(spec) > len(p)), None)
+    if prefix is None:
+        return unknown_source(spec)
+    path = Path(spec[len(prefix) :]).expanduser()
+    if prefix == "mnist-idx:":
+        if not path.is_dir():
+            return f"mnist-idx directory not found: {path}"
+        pairs = [any(path.glob(f"{p}-images-idx3-ubyte*")) and any(path.glob(f"{p}-labels-idx1-ubyte*"))
+                 for p in ("train", "t10k")]  # fmt: skip
+        return None if any(pairs) else f"no '*-images-idx3-ubyte[.gz]' + '*-labels-idx1-ubyte[.gz]' pair in {path}"
+    if prefix == "usps:":
+        present = any((path / name).is_file() for name in ("usps.bz2", "usps.t.bz2"))
+        return None if present else f"no usps.bz2 or usps.t.bz2 in {path}"
+    if not path.is_dir():
+        return f"imagefolder path not found: {path}"
+    return None if image_size is not None else f"imagefolder:{path} needs data.image_size (images come in any size)"
 
 
 class TrainConfig(_Section):

@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdflow.config import DataConfig
+# (the torchvision names live in kdflow.config, which checks source strings without importing torch)
+from kdflow.config import TORCHVISION_SOURCES, DataConfig, unknown_source
 from kdflow.errors import DataError
-
-TORCHVISION_SOURCES = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 
 
 @dataclass
@@ -231,7 +230,4 @@ def load_source(spec: str, cfg: DataConfig, origins: dict[str, dict] | None = No
         return load_imagefolder(arg, cfg.image_size, cfg.channels)
     if spec in TORCHVISION_SOURCES:
         return load_torchvision(spec, cfg.root, cfg.download)
-    raise DataError(
-        f"unknown data source {spec!r}: use digits, mnist-idx:<dir>, usps:<dir>, imagefolder:<dir>, "
-        f"s3://<bucket>/<prefix>/, s3://<bucket>/<archive>.tar.gz|.zip or one of {', '.join(TORCHVISION_SOURCES)}"
-    )
+    raise DataError(unknown_source(spec))
