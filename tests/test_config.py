@@ -257,6 +257,31 @@ def test_invalid_yaml(tmp_path):
         load_config(path)
 
 
+def test_invalid_yaml_is_one_line_naming_the_file_and_the_place(tmp_path):
+    path = tmp_path / "tabs.yaml"
+    path.write_text("distill:\n\ttrain:\n\t\tepochs: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"config file {path} is not valid YAML: found character '\\t' that cannot start any token at line 2, column 1"
+    )
+
+
+def test_one_bad_key_is_one_line_and_several_are_one_line_each():
+    with pytest.raises(ConfigError) as one:
+        load_config(None, {"distill.train.lr": 0})
+    assert str(one.value) == (
+        "invalid config (built-in default): distill.train.lr: Input should be greater than 0 (got 0)"
+    )
+    with pytest.raises(ConfigError) as two:
+        load_config(None, {"distill.train.lr": 0, "seed": -1})
+    assert str(two.value).splitlines() == [
+        "invalid config (built-in default):",
+        "  seed: Input should be greater than or equal to 0 (got -1)",
+        "  distill.train.lr: Input should be greater than 0 (got 0)",
+    ]
+
+
 def test_non_mapping_yaml(tmp_path):
     path = tmp_path / "list.yaml"
     path.write_text("- 1\n- 2\n")

@@ -99,7 +99,7 @@ def test_bad_override_paths_fail_naming_them(key, message):
     ],
 )  # fmt: skip
 def test_unknown_keys_get_a_suggestion_at_every_level(overrides, line):
-    assert error(overrides) == f"invalid config (built-in default):\n  {line}"
+    assert error(overrides) == f"invalid config (built-in default): {line}"  # one bad key: one line
 
 
 def test_a_files_typos_get_suggestions_too(tmp_path):

@@ -578,3 +578,27 @@ def test_torchvision_source_without_files_or_download_names_the_dataset(tmp_path
     cfg = DataConfig(source="mnist", root=str(tmp_path), download=False)
     with pytest.raises(DataError, match="cannot load torchvision dataset 'mnist'"):
         data.load_source("mnist", cfg)
+
+
+def test_an_imagefolder_whose_class_folders_hold_no_image_is_a_data_error_naming_it(tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError) as err:
+        data.load_imagefolder(tmp_path, image_size=8, channels=1)
+    assert str(err.value).startswith(
+        f"imagefolder {tmp_path} holds no images: Found no valid file for the classes cat, dog."
+    )
+
+
+def test_an_undecodable_image_is_a_data_error_naming_the_file(tmp_path):
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        Image.new("L", (8, 8), 3).save(tmp_path / cls / "0.png")
+    bad = tmp_path / "dog" / "1.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG signature, then nothing
+    with pytest.raises(DataError) as err:
+        data.load_imagefolder(tmp_path, image_size=8, channels=1)
+    assert str(err.value) == f"imagefolder {tmp_path}: cannot identify image file '{bad}'"

@@ -53,12 +53,37 @@ def test_split_credentials_and_redact():
             ["--tracking-uri", "http://alice:" + SECRET + "@127.0.0.1:{port}"],
             "error: MLflow tracking server http://127.0.0.1:{port} is not reachable",
         ),
+        (
+            ["--set", "data.source=mnistt"],
+            "error: data.source: unknown data source 'mnistt': use digits, mnist-idx:<dir>, usps:<dir>",
+        ),
+        (["--set", "data.source=mnist-idx:{file}"], "error: data.source: mnist-idx directory not found: {file}"),
+        (
+            ["--set", "data.source=mnist-idx:{tmp}"],
+            "error: data.source: no '*-images-idx3-ubyte[.gz]' + '*-labels-idx1-ubyte[.gz]' pair in {tmp}",
+        ),
+        (
+            ["--set", "data.setup=cross_dataset", "--set", "data.target=usps:{tmp}"],
+            "error: data.target: no usps.bz2 or usps.t.bz2 in {tmp}",
+        ),
+        (
+            ["--set", "data.setup=cross_dataset", "--set", "data.target=imagefolder:{tmp}/nope"],
+            "error: data.target: imagefolder path not found: {tmp}/nope",
+        ),
+        (
+            ["--set", "data.setup=cross_dataset", "--set", "data.target=imagefolder:{tmp}"],
+            "error: data.target: imagefolder:{tmp} needs data.image_size (images come in any size)",
+        ),
+        (
+            ["--tracking-uri", "ftp://127.0.0.1/x"],
+            "error: tracking URI ftp://127.0.0.1/x: MLflow has no tracking store for the scheme 'ftp'",
+        ),
     ],
 )  # fmt: skip
 def test_bad_input_fails_in_seconds_naming_it_and_writes_nothing(tmp_path, args, message):
     file, port = tmp_path / "a-file", _free_port()
     file.write_text("not a folder")
-    fill = {"file": str(file), "port": str(port)}
+    fill = {"file": str(file), "port": str(port), "tmp": str(tmp_path)}
     proc, took = _kdflow(*[a.format(**fill) for a in args], cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
@@ -160,3 +185,30 @@ def test_compile_refuses_a_credential_in_the_config(tmp_path):
     assert not (tmp_path / "p.yaml").exists()
     students[0]["arch_kwargs"]["api_token"] = "${env:MY_TOKEN}"  # named, not written: fine
     assert compile_pipeline(load_config(overrides={"distill.students": students}), tmp_path / "p.yaml").is_file()
+
+
+def test_a_corrupt_sqlite_store_fails_in_seconds_naming_it_and_is_left_as_it_was(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    junk = b"SQLite format 3\x00" + bytes(range(256)) * 16
+    (home / "mlflow.db").write_bytes(junk)
+    proc, took = _kdflow("--home", str(home), cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert out.strip().splitlines()[-1] == (
+        f"error: MLflow store {home / 'mlflow.db'} is not a readable SQLite database (file is not a database)"
+    ), out
+    assert "Traceback" not in out and took < 30
+    assert sorted(p.name for p in home.iterdir()) == ["mlflow.db"] and (home / "mlflow.db").read_bytes() == junk
+
+
+def test_a_pipeline_package_that_is_not_yaml_is_one_line(tmp_path):
+    from kdflow import submit
+
+    path = tmp_path / "pipe.yaml"
+    path.write_text("this: is not\n- a pipeline\n")
+    with pytest.raises(submit.SubmitError) as err:
+        submit.plan(path, {}, None, None, None)
+    assert str(err.value) == (
+        f"pipeline package {path} is not valid YAML: expected <block end>, but found '-' at line 2, column 1"
+    )

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdflow import tracking
-from kdflow.config import Config, ConfigError, load_config
+from kdflow.config import Config, ConfigError, load_config, local_source_problem
 
 app = typer.Typer(no_args_is_help=True, help=__doc__)  # with --install-completion / --show-completion
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -100,6 +100,9 @@ def run(
             raise _fail(f"--resume: no earlier kdflow run on {home} to continue")
     else:
         cfg = _load(config, set_).with_local_paths(Path.cwd())
+    for key in ("source", "target"):  # a missing data folder fails here, in seconds, not in data prep
+        if problem := local_source_problem(getattr(cfg.data, key), cfg.data.image_size):
+            raise _fail(f"data.{key}: {problem}")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.embedded_tracking_uri(home)
     # credentials in the URI travel by environment (MLflow's basic-auth variables), never on a command line
     uri, user, password = tracking.split_credentials(uri)

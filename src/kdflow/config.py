@@ -134,6 +134,15 @@ class DataConfig(_Section):
 
 
 LOCAL_PATH_SOURCES = ("mnist-idx:", "usps:", "imagefolder:")
+TORCHVISION_SOURCES = ("mnist", "fashion-mnist", "cifar10", "cifar100")
+
+
+def unknown_source(spec: str) -> str:
+    """The message for a data source string that is none of the forms `kdflow.data.load_source` reads."""
+    return (
+        f"unknown data source {spec!r}: use digits, mnist-idx:<dir>, usps:<dir>, imagefolder:<dir>, "
+        f"s3://<bucket>/<prefix>/, s3://<bucket>/<archive>.tar.gz|.zip or one of {', '.join(TORCHVISION_SOURCES)}"
+    )
 
 
 def absolute_source(spec: str | None, base: Path) -> str | None:
@@ -143,6 +152,32 @@ def absolute_source(spec: str | None, base: Path) -> str | None:
             path = Path(spec[len(prefix) :]).expanduser()
             return prefix + str(path if path.is_absolute() else (base / path).resolve())
     return spec
+
+
+def local_source_problem(spec: str | None, image_size: int | None) -> str | None:
+    """Why a data source cannot be read, known before any of it is: a string of no known form, or a local folder
+    (`mnist-idx:`, `usps:`, `imagefolder:`) that is missing, holds none of the files its reader looks for, or is
+    an image folder without `data.image_size`; in the words of its reader in `kdflow.data.sources`. None when
+    nothing is known wrong. `kdflow run` asks before it starts the pipeline, so such a run fails in seconds
+    rather than in data prep."""
+    if spec is None or spec == "digits" or spec in TORCHVISION_SOURCES or spec.startswith("s3://"):
+        return None
+    prefix = next((p for p in LOCAL_PATH_SOURCES if spec.startswith(p) and len(spec) > len(p)), None)
+    if prefix is None:
+        return unknown_source(spec)
+    path = Path(spec[len(prefix) :]).expanduser()
+    if prefix == "mnist-idx:":
+        if not path.is_dir():
+            return f"mnist-idx directory not found: {path}"
+        pairs = [any(path.glob(f"{p}-images-idx3-ubyte*")) and any(path.glob(f"{p}-labels-idx1-ubyte*"))
+                 for p in ("train", "t10k")]  # fmt: skip
+        return None if any(pairs) else f"no '*-images-idx3-ubyte[.gz]' + '*-labels-idx1-ubyte[.gz]' pair in {path}"
+    if prefix == "usps:":
+        present = any((path / name).is_file() for name in ("usps.bz2", "usps.t.bz2"))
+        return None if present else f"no usps.bz2 or usps.t.bz2 in {path}"
+    if not path.is_dir():
+        return f"imagefolder path not found: {path}"
+    return None if image_size is not None else f"imagefolder:{path} needs data.image_size (images come in any size)"
 
 
 class TrainConfig(_Section):
@@ -765,16 +800,19 @@ class Config(_Section):
 
 
 def _format_error(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid config ({origin}):"]
+    """One line for one bad key (`invalid config (origin): key: why (got value)`), else one line per key."""
+    problems = []
     for e in err.errors():
         key = format_key(e["loc"]) or "<root>"  # list entries as [i], the form --set reads
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key{did_you_mean(Config, e['loc'])}")
+            problems.append(f"{key}: unknown key{did_you_mean(Config, e['loc'])}")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg']}{shown}")
-    return "\n".join(lines)
+            problems.append(f"{key}: {e['msg']}{shown}")
+    if len(problems) == 1:
+        return f"invalid config ({origin}): {problems[0]}"
+    return "\n".join([f"invalid config ({origin}):", *(f"  {p}" for p in problems)])
 
 
 def parse_config(data: dict[str, Any] | None, origin: str = "<dict>") -> Config:
@@ -817,6 +855,13 @@ BUILTIN_RUN: dict[str, Any] = {
 }  # fmt: skip
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: the problem and where (`line 3, column 7`)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML config (or the built-in default run, `BUILTIN_RUN`, when `path` is None) and apply dotted
     overrides. A file's values replace the schema's defaults (`Config()`); the built-in run is one such file."""
@@ -829,7 +874,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {p} is not valid YAML: {yaml_problem(err)}") from None
         origin = str(p)
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config ({origin}): top level must be a mapping, got {type(data).__name__}")

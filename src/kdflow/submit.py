@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from kdflow import tracking
-from kdflow.config import Config, ConfigError, config_from_json
+from kdflow.config import Config, ConfigError, config_from_json, yaml_problem
 
 # kfp.Client reads no token from the environment; this is kdflow's name, in kfp's KF_PIPELINES_* family.
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
@@ -114,7 +114,7 @@ def read_package(path: str | Path) -> dict:
     try:
         docs = list(yaml.safe_load_all(p.read_text()))
     except yaml.YAMLError as err:
-        raise SubmitError(f"pipeline package {p} is not valid YAML: {err}") from None
+        raise SubmitError(f"pipeline package {p} is not valid YAML: {yaml_problem(err)}") from None
     spec = docs[0] if docs else None
     if not isinstance(spec, dict) or "pipelineInfo" not in spec or "root" not in spec:
         raise SubmitError(f"{p} is not a compiled KFP pipeline (no pipelineInfo/root)")

@@ -75,11 +75,13 @@ def redact(text: str) -> str:
 
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     """Fail within `timeout_s` when an http(s) tracking server does not answer its health endpoint (a stopped
-    server, a wrong port or host), naming the URI without credentials; other stores are checked where opened."""
+    server, a wrong port or host), naming the URI without credentials; a URI MLflow has no store for and an
+    SQLite store that is not a database fail here too."""
     import urllib.error
     import urllib.request
 
     if not uri.startswith(("http://", "https://")):
+        _check_store(uri)
         return
     import ssl
 
@@ -99,6 +101,29 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     except (OSError, ConnectionError) as err:
         reason = getattr(err, "reason", err)
         raise ConnectionError(f"MLflow tracking server {clean} is not reachable ({reason})") from None
+
+
+def _check_store(uri: str) -> None:
+    """A URI MLflow has no store for, or an SQLite file that is not a database: one line naming it, before the
+    store is opened (and before anything is written beside it)."""
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    clean, _, _ = split_credentials(uri)
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException:
+        scheme = clean.partition(":")[0]
+        raise ConnectionError(f"tracking URI {clean}: MLflow has no tracking store for the scheme {scheme!r}") from None
+    if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///") :]).is_file():
+        path = uri[len("sqlite:///") :]
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                db.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as err:
+            raise ConnectionError(f"MLflow store {path} is not a readable SQLite database ({err})") from None
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:

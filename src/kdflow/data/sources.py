@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdflow.config import DataConfig
+# (the torchvision names live in kdflow.config, which checks source strings without importing torch)
+from kdflow.config import TORCHVISION_SOURCES, DataConfig, unknown_source
 from kdflow.errors import DataError
-
-TORCHVISION_SOURCES = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 
 
 @dataclass
@@ -179,10 +178,16 @@ def load_imagefolder(path: str | Path, image_size: int | None, channels: int | N
     if image_size is None:
         raise DataError(f"imagefolder:{root} needs data.image_size (images come in any size)")
     mode = "L" if channels == 1 else "RGB"
-    ds = ImageFolder(str(root), loader=lambda p: _open_image(p, mode, image_size))
-    if len(ds) == 0:
-        raise DataError(f"imagefolder {root} holds no images")
-    x = torch.stack([torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()) for img, _ in ds])
+    try:  # (permanent errors: a DataError, never retried)
+        ds = ImageFolder(str(root), loader=lambda p: _open_image(p, mode, image_size))
+        if len(ds) == 0:
+            raise DataError(f"imagefolder {root} holds no images")
+        images = [torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()) for img, _ in ds]
+    except FileNotFoundError as err:  # class folders without a single image file
+        raise DataError(f"imagefolder {root} holds no images: {err}") from None
+    except OSError as err:  # PIL cannot decode an image; its message names the file
+        raise DataError(f"imagefolder {root}: {err}") from None
+    x = torch.stack(images)
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     return ImageSet(x.contiguous(), torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes))
 
@@ -231,7 +236,4 @@ def load_source(spec: str, cfg: DataConfig, origins: dict[str, dict] | None = No
         return load_imagefolder(arg, cfg.image_size, cfg.channels)
     if spec in TORCHVISION_SOURCES:
         return load_torchvision(spec, cfg.root, cfg.download)
-    raise DataError(
-        f"unknown data source {spec!r}: use digits, mnist-idx:<dir>, usps:<dir>, imagefolder:<dir>, "
-        f"s3://<bucket>/<prefix>/, s3://<bucket>/<archive>.tar.gz|.zip or one of {', '.join(TORCHVISION_SOURCES)}"
-    )
+    raise DataError(unknown_source(spec))
