@@ -62,11 +62,11 @@ def test_local_pipeline_promotes_then_keeps_then_moves_champion(tmp_path):
     assert set(children) == {"data-prep", "teacher", "prune", "pruned60-kd", "pruned60-ce", "register"}
     assert all(r.info.status == "FINISHED" for r in children.values())
     kd = children["pruned60-kd"]
-    assert len(client.get_metric_history(kd.info.run_id, "val_acc")) == 2  # one point per epoch
+    assert len(client.get_metric_history(kd.info.run_id, "epoch/val_top1")) == 2  # one point per epoch
     assert {"test_top1", "latency_ms_b1", "teacher_agreement", "test_ece", "flops"} <= set(kd.data.metrics)
     assert kd.data.tags["kdflow.loss"] == "kd" and kd.data.tags["kdflow.prune_ratio"] == "0.6"
     assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(kd.info.run_id)}
-    assert len(client.get_metric_history(children["teacher"].info.run_id, "pretrain_val_acc")) == 3
+    assert len(client.get_metric_history(children["teacher"].info.run_id, "pretrain/val_top1")) == 3
 
     # both candidates registered, teacher registered separately, champion set
     versions = client.search_model_versions(f"name='{MODEL}'")

@@ -104,11 +104,11 @@ def _fit_phases(
     """Pretraining on the source task, its test accuracy (rank 0), the new head, fine-tuning on the target."""
     tcfg = cfg.teacher
     with timing.compute():
-        log = tracking.epoch_logger("teacher pretrain", tcfg.pretrain.epochs, "pretrain_")
+        log = tracking.epoch_logger("teacher pretrain", tcfg.pretrain.epochs, "pretrain/")
         pre = fit(net, src["train"], src["val"], tcfg.pretrain, norm, seed=cfg.seed, device=device, on_epoch=log)
         source_test = accuracy(predict(net, src["test"].x, norm), src["test"].y) if ddp.is_main() else None
         zoo.replace_head(net, manifest["tasks"]["target"]["num_classes"], tcfg.arch)
-        log = tracking.epoch_logger("teacher finetune", tcfg.finetune.epochs, "finetune_")
+        log = tracking.epoch_logger("teacher finetune", tcfg.finetune.epochs, "finetune/")
         fine = fit(net, tgt["train"], tgt["val"], tcfg.finetune, norm, seed=cfg.seed + 1, device=device, on_epoch=log)
     return pre, fine, source_test
 
