@@ -170,6 +170,20 @@ def test_record_data_logs_the_manifest_as_the_data_prep_child_run(pipeline):
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"manifest.json", "config.json"}
 
 
+def test_prune_logs_one_name_per_quantity_with_the_ratio_as_the_step(pipeline):
+    client = pipeline.client()
+    run = runs_under(client, pipeline.ctx)["prune"]
+    report = json.loads((Path(pipeline.pruned_dir) / "report.json").read_text())
+    (row,) = report  # the tiny config prunes at 0.6 only
+    names = {"params_before", "params_after", "macs_before", "macs_after", "param_reduction", "mac_reduction",
+             "val_top1_before_finetune"}  # fmt: skip
+    assert set(run.data.metrics) == {f"ratio/{k}" for k in names}  # no ratio_0.6_... keys
+    for k in names:
+        assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"ratio/{k}")] == [
+            (60, float(row[k]))
+        ], k
+
+
 # ------------------------------------------------------------------------------------------- distill
 
 
