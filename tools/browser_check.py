@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
+ML_VIEW = "workflowType=machine_learning"  # MLflow 3.17's Model training view
 
 
 def find_chromium() -> str | None:
@@ -115,28 +117,30 @@ def check(url: str, want: Expected, chromium: str, out: Path) -> list[str]:
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.set_default_timeout(60_000)
 
-        page.goto(f"{url}/#/experiments/{want.experiment_id}/runs")
-        for name in [want.pipeline_run, *want.candidates]:
+        # MLflow 3.17's UI takes the experiment's view from its GenAI / Model training switch (the
+        # `workflowType` query parameter, else the browser's last choice), older 3.x from the experiment's
+        # `mlflow.experimentKind` tag: kdflow sets the tag and prints links with the parameter
+        page.goto(f"{url}/#/experiments/{want.experiment_id}/runs?{ML_VIEW}")
+        page.get_by_text(want.pipeline_run, exact=True).first.wait_for()
+        nav = page.inner_text("body").split(want.pipeline_run)[0]
+        if "Evaluation runs" in nav or "Model training" not in nav:
+            problems.append("the experiment opens in MLflow's GenAI view (Traces, Evaluation runs)")
+        cell = page.locator("[role=gridcell]", has_text=want.pipeline_run).first
+        cell.locator("button").first.click()  # expand the pipeline run: its step and candidate runs
+        for name in want.candidates:
             try:
                 page.get_by_text(name, exact=True).first.wait_for()
             except Exception:
-                problems.append(f"runs table: no run {name!r}")
-        body = page.inner_text("body")
-        if "Traces" in body.split(want.pipeline_run)[0] and "Evaluation runs" in body:
-            problems.append("the experiment opens in MLflow's GenAI view (Traces, Evaluation runs)")
+                problems.append(f"runs table: no candidate run {name!r} under {want.pipeline_run}")
         page.screenshot(path=str(out / "runs.png"), full_page=True)
 
-        page.goto(f"{url}/#/models/{want.model}")
-        try:
-            page.get_by_text("@ champion").first.wait_for()
-        except Exception:
-            try:
-                page.get_by_text("champion", exact=True).first.wait_for()
-            except Exception:
-                problems.append(f"model page {want.model}: no champion alias shown")
-        row = page.locator("tr", has_text="champion")
-        if row.count() and f"Version {want.champion}" not in row.first.inner_text():
-            problems.append(f"model page: champion not on version {want.champion}: {row.first.inner_text()!r}")
+        page.goto(f"{url}/#/models/{want.model}?{ML_VIEW}")
+        versions = page.locator("[role=row]", has=page.get_by_role("link", name=re.compile(r"^Version \d+$")))
+        versions.first.wait_for()
+        holders = [r.get_by_role("link", name=re.compile(r"^Version")).first.inner_text()
+                   for r in versions.all() if "champion" in r.inner_text()]  # fmt: skip
+        if holders != [f"Version {want.champion}"]:
+            problems.append(f"model page {want.model}: champion shown on {holders}, not Version {want.champion}")
         page.screenshot(path=str(out / "model.png"), full_page=True)
 
         page.goto(want.report.as_uri())

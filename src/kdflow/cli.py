@@ -95,6 +95,12 @@ def run(
     _print_report(summary)
     if uri.startswith("sqlite:///"):
         console.print(f"Open the runs: [bold]mlflow ui --backend-store-uri {uri}[/bold]")
+        console.print(f"  then {UI_LINK} (MLflow's Model training view)", soft_wrap=True, highlight=False)
+
+
+# MLflow 3.17's UI shows an experiment in its GenAI or its Model training view by this switch (older 3.x UIs read
+# the experiment's `mlflow.experimentKind` tag, which kdflow also sets); links keep it while you navigate
+UI_LINK = "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 
 
 def _print_report(summary: dict) -> None:

@@ -52,14 +52,17 @@ def figure(summary: dict, path: Path) -> Path:
         front = pareto_front(pts, cost)
         xs, ys = [p[cost] for p in front], [100 * p["test_top1"] for p in front]
         ax.plot(xs, ys, "--", color="0.6", drawstyle="steps-post", label="Pareto front", zorder=1)
+        seen: dict[tuple, int] = {}  # points at the same place: their labels one under the other
         for p in pts:
+            spot = (p[cost], p["test_top1"])
+            seen[spot] = below = seen.get(spot, -1) + 1
             style = dict(marker="s", color="tab:gray") if p["teacher"] else dict(marker="o", color="tab:blue")
             ax.scatter(p[cost], 100 * p["test_top1"], s=40, zorder=2, **style)
             if p["champion"]:
                 ax.scatter(p[cost], 100 * p["test_top1"], s=260, marker="*", color="tab:orange", zorder=3,
                            label="champion")  # fmt: skip
-            ax.annotate(p["name"], (p[cost], 100 * p["test_top1"]), textcoords="offset points", xytext=(5, 4),
-                        fontsize=8)  # fmt: skip
+            at = (p[cost], 100 * p["test_top1"])
+            ax.annotate(p["name"], at, textcoords="offset points", xytext=(5, 4 - 10 * below), fontsize=8)
         if cost == "macs":
             ax.set_xscale("log")
         ax.set_xlabel(label)
