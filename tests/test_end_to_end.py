@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -43,6 +44,14 @@ def _run(tmp_path, name: str, distill_epochs: int) -> subprocess.CompletedProces
 def _champion(client: MlflowClient):
     mv = client.get_model_version_by_alias(MODEL, "champion")
     return int(mv.version), float(mv.tags["test_top1"])
+
+
+def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "-m", "kdflow.cli", *args, "--home", str(tmp_path / "home")],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
 
 
 def test_local_pipeline_promotes_then_keeps_then_moves_champion(tmp_path):
@@ -87,6 +96,27 @@ def test_local_pipeline_promotes_then_keeps_then_moves_champion(tmp_path):
     by_name = {v.tags["kdflow.candidate"]: int(v.version) for v in versions}
     assert champ_version == by_name[best.name]
     assert f"promoted: {best.name} is the first champion" in first.stdout
+
+    # the parent run compares at a glance: the champion's and the teacher's headline metrics, the report
+    assert parent.data.metrics["champion.test_top1"] == champ_score
+    assert parent.data.metrics["champion.version"] == champ_version
+    assert parent.data.metrics["teacher.test_top1"] == float(t.tags["test_top1"])
+    (line,) = [ln for ln in first.stdout.splitlines() if ln.startswith("report: ")]
+    html = line.removeprefix("report: ")
+    assert html == f"{tmp_path}/home/artifacts/{parent.info.run_id}/artifacts/report/report.html"
+    assert sorted(p.name for p in Path(html).parent.iterdir()) == ["report.html", "report.md", "tradeoff.png"]
+    # the MLflow records: the experiment's kind, provenance on every run, one name per quantity
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    for r in [parent, *children.values()]:
+        assert {"kdflow.version", "mlflow.user", "mlflow.source.git.commit"} <= set(r.data.tags), r.info.run_name
+    assert "best_val_top1" not in kd.data.metrics and "val_acc" not in kd.data.metrics
+    assert "kdflow.temperature" not in children["pruned60-ce"].data.tags  # ce reads no temperature
+    # `kdflow show` prints the run's table and decision again, from MLflow
+    shown = _cli(tmp_path, "show")
+    assert shown.stdout.startswith(f"pipeline run {parent.info.run_name} ({parent.info.run_id}), FINISHED")
+    table = first.stdout[first.stdout.index(f"{MODEL}: teacher and candidates") :]
+    table = table[: table.index("\nreport: ") + 1]
+    assert shown.stdout.split("\n", 1)[1].lstrip() == table.lstrip()
 
     # the registered champion is a servable model: raw pixels in, logits out, any batch size
     import torch
