@@ -294,7 +294,7 @@ def test_teacher_step_trains_in_two_torchrun_workers(tmp_path):
     assert run.data.tags["kdflow.teacher_processes"] == "2"
     assert run.data.params["arch"] == cfg.teacher.arch
     assert run.data.metrics["val_top1"] == pytest.approx(metrics["val_top1"])
-    for name in ("pretrain_val_acc", "finetune_val_acc"):  # one point per epoch: rank 1 logged nothing
+    for name in ("pretrain/val_top1", "finetune/val_top1"):  # one point per epoch: rank 1 logged nothing
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2]
     logged = mlflow.search_logged_models(
         experiment_ids=[ctx.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list"

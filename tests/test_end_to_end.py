@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -45,6 +46,14 @@ def _champion(client: MlflowClient):
     return int(mv.version), float(mv.tags["test_top1"])
 
 
+def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "-m", "kdflow.cli", *args, "--home", str(tmp_path / "home")],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
 def test_local_pipeline_promotes_then_keeps_then_moves_champion(tmp_path):
     first = _run(tmp_path, "first", distill_epochs=2)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
@@ -62,11 +71,11 @@ def test_local_pipeline_promotes_then_keeps_then_moves_champion(tmp_path):
     assert set(children) == {"data-prep", "teacher", "prune", "pruned60-kd", "pruned60-ce", "register"}
     assert all(r.info.status == "FINISHED" for r in children.values())
     kd = children["pruned60-kd"]
-    assert len(client.get_metric_history(kd.info.run_id, "val_acc")) == 2  # one point per epoch
+    assert len(client.get_metric_history(kd.info.run_id, "epoch/val_top1")) == 2  # one point per epoch
     assert {"test_top1", "latency_ms_b1", "teacher_agreement", "test_ece", "flops"} <= set(kd.data.metrics)
     assert kd.data.tags["kdflow.loss"] == "kd" and kd.data.tags["kdflow.prune_ratio"] == "0.6"
     assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(kd.info.run_id)}
-    assert len(client.get_metric_history(children["teacher"].info.run_id, "pretrain_val_acc")) == 3
+    assert len(client.get_metric_history(children["teacher"].info.run_id, "pretrain/val_top1")) == 3
 
     # both candidates registered, teacher registered separately, champion set
     versions = client.search_model_versions(f"name='{MODEL}'")
@@ -87,6 +96,27 @@ def test_local_pipeline_promotes_then_keeps_then_moves_champion(tmp_path):
     by_name = {v.tags["kdflow.candidate"]: int(v.version) for v in versions}
     assert champ_version == by_name[best.name]
     assert f"promoted: {best.name} is the first champion" in first.stdout
+
+    # the parent run compares at a glance: the champion's and the teacher's headline metrics, the report
+    assert parent.data.metrics["champion.test_top1"] == champ_score
+    assert parent.data.metrics["champion.version"] == champ_version
+    assert parent.data.metrics["teacher.test_top1"] == float(t.tags["test_top1"])
+    (line,) = [ln for ln in first.stdout.splitlines() if ln.startswith("report: ")]
+    html = line.removeprefix("report: ")
+    assert html == f"{tmp_path}/home/artifacts/{parent.info.run_id}/artifacts/report/report.html"
+    assert sorted(p.name for p in Path(html).parent.iterdir()) == ["report.html", "report.md", "tradeoff.png"]
+    # the MLflow records: the experiment's kind, provenance on every run, one name per quantity
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    for r in [parent, *children.values()]:
+        assert {"kdflow.version", "mlflow.user", "mlflow.source.git.commit"} <= set(r.data.tags), r.info.run_name
+    assert "best_val_top1" not in kd.data.metrics and "val_acc" not in kd.data.metrics
+    assert "kdflow.temperature" not in children["pruned60-ce"].data.tags  # ce reads no temperature
+    # `kdflow show` prints the run's table and decision again, from MLflow
+    shown = _cli(tmp_path, "show")
+    assert shown.stdout.startswith(f"pipeline run {parent.info.run_name} ({parent.info.run_id}), FINISHED")
+    table = first.stdout[first.stdout.index(f"{MODEL}: teacher and candidates") :]
+    table = table[: table.index("\nreport: ") + 1]
+    assert shown.stdout.split("\n", 1)[1].lstrip() == table.lstrip()
 
     # the registered champion is a servable model: raw pixels in, logits out, any batch size
     import torch

@@ -114,6 +114,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.mark.timeout(1800)  # four runs (with the module's uninterrupted one): minutes on a busy 2-core machine
 def test_killed_then_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted):
     home = tmp_path / "home"
     # 1. the teacher step's process killed mid-pretraining: the run fails

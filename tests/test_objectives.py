@@ -696,3 +696,26 @@ def test_hint_adapter_feeds_feature_hint():
     loss = objectives.feature_hint(adapter(s, tuple(t.shape[-2:])), t)
     loss.backward()
     assert adapter.proj.weight.grad is not None and adapter.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kind, tags",
+    [
+        ("ce", {}),  # the baseline reads none of them: no T, α or λ on its run
+        ("kd", {"kdflow.temperature": "4.0", "kdflow.alpha": "0.9", "kdflow.standardize": "False",
+                "kdflow.transfer": "target"}),
+        ("logit_mse", {"kdflow.lambda": "1.0", "kdflow.transfer": "target"}),
+        ("hint", {"kdflow.temperature": "4.0", "kdflow.alpha": "0.9", "kdflow.beta": "1.0",
+                  "kdflow.transfer": "target"}),
+        ("dkd", {"kdflow.temperature": "4.0", "kdflow.alpha": "0.9", "kdflow.beta": "1.0",
+                 "kdflow.standardize": "False", "kdflow.transfer": "target"}),
+        ("dist", {"kdflow.temperature": "4.0", "kdflow.beta": "1.0", "kdflow.gamma": "1.0",
+                  "kdflow.transfer": "target"}),
+    ],
+)  # fmt: skip
+def test_only_the_settings_a_kind_reads_are_recorded(kind, tags):
+    from kdflow.objectives import OBJECTIVES, setting_tags, used_settings
+
+    cfg = LossConfig(name="x", kind=kind)
+    assert setting_tags(cfg) == tags
+    assert set(used_settings(cfg)) == set(OBJECTIVES[kind].settings)

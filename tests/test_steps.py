@@ -29,6 +29,7 @@ from kdflow.steps.register import register
 from kdflow.steps.teacher import train_teacher
 from tests.helpers.config import tiny_overrides
 
+HEADLINE = registry.HEADLINE_METRICS
 NAMES = ["pruned60-kd", "pruned60-ce"]  # the tiny config's grid, students first
 EPOCHS = 2  # tiny_overrides' distill epochs
 PIPELINE_RUN = "steps-test-run"
@@ -169,6 +170,20 @@ def test_record_data_logs_the_manifest_as_the_data_prep_child_run(pipeline):
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"manifest.json", "config.json"}
 
 
+def test_prune_logs_one_name_per_quantity_with_the_ratio_as_the_step(pipeline):
+    client = pipeline.client()
+    run = runs_under(client, pipeline.ctx)["prune"]
+    report = json.loads((Path(pipeline.pruned_dir) / "report.json").read_text())
+    (row,) = report  # the tiny config prunes at 0.6 only
+    names = {"params_before", "params_after", "macs_before", "macs_after", "param_reduction", "mac_reduction",
+             "val_top1_before_finetune"}  # fmt: skip
+    assert set(run.data.metrics) == {f"ratio/{k}" for k in names}  # no ratio_0.6_... keys
+    for k in names:
+        assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"ratio/{k}")] == [
+            (60, float(row[k]))
+        ], k
+
+
 # ------------------------------------------------------------------------------------------- distill
 
 
@@ -182,10 +197,17 @@ def expected_lineage(pipeline: Pipeline, name: str) -> dict[str, str]:
         "kdflow.init": "pruned",  # the pruned teacher's weights (not a from-scratch twin)
         "kdflow.loss": loss,
         "kdflow.loss_name": loss,
-        "kdflow.temperature": "4.0",
-        "kdflow.alpha": "0.9",
-        "kdflow.lambda": "1.0",
-        "kdflow.transfer": "target",
+        # only the settings the loss reads: kd's T, α, standardization and transfer set; ce none of them
+        **(
+            {
+                "kdflow.temperature": "4.0",
+                "kdflow.alpha": "0.9",
+                "kdflow.standardize": "False",
+                "kdflow.transfer": "target",
+            }
+            if loss == "kd"
+            else {}
+        ),  # fmt: skip
         "kdflow.teacher_run_id": read_info(pipeline.teacher_dir)["run_id"],
         "kdflow.data_hash": pipeline.manifest["content_hash"],
         "kdflow.trained_with": "pruned60-kd,pruned60-ce",
@@ -242,20 +264,25 @@ def test_distill_logs_one_finished_child_run_per_candidate(pipeline, distilled):
         assert {k: tags[k] for k in expected_lineage(pipeline, name)} == expected_lineage(pipeline, name)
         assert tags[tracking.STEP_TAG] == "distill" and tags["mlflow.parentRunId"] == pipeline.ctx.parent_id
         cand = pipeline.cfg.candidate(name)
+        used = ("temperature", "alpha", "standardize", "transfer") if name.endswith("-kd") else ()
         assert run.data.params == {
             **{f"student.{k}": str(v) for k, v in cand.student.model_dump().items()},
-            **{f"loss.{k}": str(v) for k, v in cand.loss.model_dump().items()},
+            "loss.name": cand.loss.name,
+            "loss.kind": cand.loss.kind,
+            **{f"loss.{k}": str(getattr(cand.loss, k)) for k in used},
             **{f"train.{k}": str(v) for k, v in train.items()},
         }
         assert run.data.params["loss.kind"] == name.split("-")[1]
         assert run.data.params["train.epochs"] == str(EPOCHS)
         assert run.data.metrics["best_epoch"] == result[name]["best_epoch"]
-        assert run.data.metrics["best_val_top1"] == result[name]["best_val_top1"]
-        # one point per epoch, at steps 1..epochs (evaluation does not log these names)
-        for key in ("val_acc", "train_loss", "lr"):
+        assert "best_val_top1" not in run.data.metrics  # one name per quantity: the evaluate step's val_top1
+        # one point per epoch, at steps 1..epochs, under epoch/ (evaluation's final values have names of their own)
+        for key in ("epoch/val_top1", "epoch/val_loss", "epoch/train_loss", "epoch/lr"):
             history = client.get_metric_history(run.info.run_id, key)
             assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), key
-        val_acc = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_acc")}
+        assert not {"val_acc", "epoch/val_acc", "train_loss"} & set(run.data.metrics)
+        assert {tracking.VERSION_TAG, "mlflow.user", "mlflow.source.git.commit"} <= set(tags)  # provenance
+        val_acc = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch/val_top1")}
         best, best_epoch = result[name]["best_val_top1"], result[name]["best_epoch"]
         assert best >= max(val_acc.values())  # the best epoch wins on accuracy first (ties: lower val loss)
         if best_epoch > 0:
@@ -326,7 +353,7 @@ def test_a_search_candidate_trains_its_variants_by_halving_and_keeps_the_chosen_
     assert run.data.params["search.variants"] == "4" and "loss.kind" not in run.data.params
     assert run.data.params["search.chosen.kind"] == chosen["kind"]
     for r in rows:
-        history = client.get_metric_history(run.info.run_id, f"search.{r['variant']}.val_acc")
+        history = client.get_metric_history(run.info.run_id, f"search/{r['variant']}/val_top1")
         assert sorted(m.step for m in history) == list(range(1, r["epochs"] + 1)), r["variant"]
     assert "search.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     model, _ = checkpoint.load(out / "pruned60-auto")
@@ -496,12 +523,9 @@ def test_evaluate_logs_the_metrics_and_the_confusion_matrix_on_the_candidates_ru
         assert run.info.status == "FINISHED"
         for key, value in rep["metrics"].items():
             history = client.get_metric_history(run_id, key)
-            # logged once, at step 0. val_loss also carries distillation's per-epoch points (steps 1..epochs),
-            # so the run's latest val_loss is the last epoch's, not the evaluated model's: only its history is read
-            assert [h.value for h in history if h.step == 0] == [float(value)], key
-            if key != "val_loss":
-                assert [h.step for h in history] == [0], key
-                assert run.data.metrics[key] == float(value), key
+            # logged once, at step 0, val_loss too: distillation's per-epoch curve is epoch/val_loss
+            assert [(h.step, h.value) for h in history] == [(0, float(value))], key
+            assert run.data.metrics[key] == float(value), key
         assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(run_id)}
 
 
@@ -626,7 +650,19 @@ def test_register_versions_every_model_and_moves_the_alias_only_for_a_better_pic
         dst = tmp_path / "artifacts" / r.info.run_id
         dst.mkdir(parents=True)
         logged = json.loads(Path(client.download_artifacts(r.info.run_id, "decision.json", str(dst))).read_text())
-        assert logged == {k: v for k, v in s.items() if k != "register_run_id"}
+        assert logged == {k: v for k, v in s.items() if k not in ("register_run_id", "report")}
+    # the parent run carries the teacher's and the champion's headline metrics, the summary and the report
+    parent = client.get_run(ctx.parent_id)
+    assert parent.data.metrics["champion.test_top1"] == score and parent.data.metrics["champion.version"] == 5 + slot
+    assert parent.data.metrics["teacher.test_top1"] == teacher_info["metrics"]["test_top1"]
+    assert parent.data.metrics["champion.params"] == by_name[pick]["params"]
+    assert parent.data.tags["kdflow.champion_version"] == str(5 + slot)
+    files = {a.path for a in client.list_artifacts(ctx.parent_id, "report")}
+    assert files == {"report/report.html", "report/report.md", "report/tradeoff.png"}
+    assert s4["report"] == f"{parent.info.artifact_uri}/report/report.html"
+    dst = tmp_path / "artifacts" / "parent"
+    shown = json.loads(Path(client.download_artifacts(ctx.parent_id, tracking.SUMMARY_ARTIFACT, str(dst))).read_text())
+    assert shown == {k: v for k, v in s4.items() if k != "report"}  # the last register step's
     mv = client.get_model_version(model, str(5 + slot))
     info = read_info(student_dir / pick)
     extra = gain_metrics if pick == "pruned60-kd" else {}
@@ -637,12 +673,14 @@ def test_register_versions_every_model_and_moves_the_alias_only_for_a_better_pic
         "kdflow.teacher_model": teacher_model,
         "kdflow.teacher_version": "3",
         registry.TEST_HASH_TAG: pipeline.manifest["target_test_hash"],
-        **{k: repr(float(v)) for k, v in {**by_name[pick], **extra}.items()},
+        # lineage and a few headline metrics only; the rest stays on the run
+        **{k: repr(float(v)) for k, v in {**by_name[pick], **extra}.items() if k in HEADLINE},
     }
+    assert len([k for k in mv.tags if not k.startswith("kdflow.")]) == len(HEADLINE) - (0 if extra else 1)
     tv = client.get_model_version(teacher_model, "3")
     assert tv.tags == {
         registry.TEST_HASH_TAG: pipeline.manifest["target_test_hash"],
-        **{k: repr(float(v)) for k, v in teacher_info["metrics"].items()},
+        **{k: repr(float(v)) for k, v in teacher_info["metrics"].items() if k in HEADLINE},
     }
 
 

@@ -128,8 +128,27 @@ def run(
         console.print(f"[red]pipeline failed:[/red] {escape(str(err))}", soft_wrap=True)
         raise typer.Exit(1) from None
     _print_summary(summary)
+    _print_report(summary)
     if uri.startswith("sqlite:///"):
         console.print(f"Open the runs: [bold]mlflow ui --backend-store-uri {uri}[/bold]")
+        console.print(f"  then {UI_LINK} (MLflow's Model training view)", soft_wrap=True, highlight=False)
+
+
+# MLflow 3.17's UI shows an experiment in its GenAI or its Model training view by this switch (older 3.x UIs read
+# the experiment's `mlflow.experimentKind` tag, which kdflow also sets); links keep it while you navigate
+UI_LINK = "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+
+
+def _print_report(summary: dict) -> None:
+    """Where the run's report is: a local path for the embedded store, else its artifact URI."""
+    uri = summary.get("report")
+    if not uri:
+        return
+    if uri.startswith("file://"):
+        from urllib.parse import unquote, urlsplit
+
+        uri = unquote(urlsplit(uri).path)
+    console.print(f"report: [bold]{escape(uri)}[/bold]", soft_wrap=True, highlight=False)
 
 
 def table_width(table: Table) -> int:
@@ -389,6 +408,179 @@ def _follow(client, host: str, run_id: str, timeout: float, poll_interval: float
         console.print(f"[red]run {run.state}[/red]{': ' + escape(why) if why else ''}", soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[green]run {run.state}[/green]")
+
+
+# ------------------------------------------------------------------------------------- registry commands
+
+HOME_OPT = typer.Option(None, help="Folder of the embedded MLflow store (default: $KDFLOW_HOME or ./kdflow-home).")
+URI_OPT = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded store).")
+REASON_OPT = typer.Option("", "--reason", help="Why: recorded with the move.")
+
+
+def _client(home: Path | None, tracking_uri: str | None):
+    """An MLflow client of the store the registry commands read: --tracking-uri, $MLFLOW_TRACKING_URI, else the
+    embedded store in --home (which must exist: these commands never create a store)."""
+    import mlflow
+
+    home = (home or tracking.kdflow_home()).expanduser().resolve()
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.embedded_tracking_uri(home)
+    uri, user, password = tracking.split_credentials(uri)
+    for var, value in zip(tracking.CREDENTIAL_ENV, (user, password)):
+        if value is not None:
+            os.environ[var] = value
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise _fail(
+            f"no MLflow store at {uri[len('sqlite:///') :]}: run kdflow run first, or pass --home/--tracking-uri"
+        )
+    try:
+        tracking.check_reachable(uri)
+    except ConnectionError as err:
+        raise _fail(str(err)) from None
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient()
+
+
+def _registry_cfg(model: str, config: Path | None, sets: list[str] | None):
+    """The registry settings (alias, gate, champion metric) of the config, for `model`."""
+    cfg = _load(config, sets).registry
+    return cfg.model_copy(update={"model_name": model})
+
+
+def _shown(metrics: dict[str, float], key: str) -> str:
+    if key not in metrics:
+        return ""
+    v = metrics[key]
+    if key == "params":
+        return f"{int(v):,}"
+    if key == "macs":
+        return _macs(v)
+    return f"{v:.3f}" if key.startswith("latency") else f"{v:.2%}"
+
+
+HEADLINE_COLS = (("val_top1", "val"), ("test_top1", "test"), ("params", "params"), ("macs", "MACs"),
+                 ("latency_ms_b1", "ms @b1"))  # fmt: skip
+
+
+@app.command()
+def models(
+    model: str | None = typer.Argument(None, help="List this model's versions instead."),
+    alias: str = typer.Option("champion", help="The alias shown as the champion."),
+    home: Path | None = HOME_OPT,
+    tracking_uri: str | None = URI_OPT,
+) -> None:
+    """The registered models with their champion, versions and the champion's headline metrics."""
+    from kdflow import catalog
+
+    client = _client(home, tracking_uri)
+    try:
+        if model is not None:
+            _print_versions(model, catalog.list_versions(client, model))
+            return
+        rows = catalog.list_models(client, alias)
+    except catalog.CatalogError as err:
+        raise _fail(err, 1) from None
+    table = Table(title=f"registered models ({alias} and its metrics)")
+    for col in ("model", alias, "versions", *(c for _, c in HEADLINE_COLS), "last move"):
+        table.add_column(col, justify="left" if col in ("model", "last move") else "right", no_wrap=True)
+    for r in rows:
+        champ = f"v{r.champion}" if r.champion is not None else "-"
+        cells = [_shown(r.headline, k) for k, _ in HEADLINE_COLS]
+        table.add_row(r.name, champ, str(r.versions), *cells, r.last_move)
+    _print_table(table)
+
+
+def _print_versions(model: str, versions) -> None:
+    table = Table(title=f"{model}: versions")
+    for col in ("ver", "candidate", "aliases", *(c for _, c in HEADLINE_COLS)):
+        table.add_column(col, justify="left" if col in ("candidate", "aliases") else "right", no_wrap=True)
+    for v, aliases, metrics, name in versions:
+        table.add_row(f"v{v}", name, ", ".join(aliases), *[_shown(metrics, k) for k, _ in HEADLINE_COLS])
+    _print_table(table)
+
+
+def _print_table(table: Table) -> None:
+    width = console.width
+    if not console.is_terminal:
+        console.width = max(width, table_width(table))
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
+@app.command()
+def promote(
+    model: str = typer.Argument(..., help="Registered model name."),
+    version: int = typer.Argument(..., help="The version to promote."),
+    reason: str = REASON_OPT,
+    force: bool = typer.Option(False, "--force", help="Skip the champion gate."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Config whose registry settings (alias, gate, "
+                                       "champion_metric, min_improvement) apply; the built-in default when omitted."),
+    set_: list[str] | None = SET_OPT,
+    home: Path | None = HOME_OPT,
+    tracking_uri: str | None = URI_OPT,
+) -> None:  # fmt: skip
+    """Give VERSION the champion alias if it passes the pipeline's gate (or with --force); records who, why and
+    the previous champion."""
+    from kdflow import catalog
+
+    cfg = _registry_cfg(model, config, set_)
+    client = _client(home, tracking_uri)
+    try:
+        move = catalog.promote(client, cfg, version, reason, force)
+    except catalog.CatalogError as err:
+        raise _fail(err, 1) from None
+    before = f"v{move.previous}" if move.previous is not None else "none"
+    console.print(f"{escape(model)}: {cfg.alias} v{move.version} (was {before}): {escape(move.reason)}", soft_wrap=True)
+
+
+@app.command()
+def rollback(
+    model: str = typer.Argument(..., help="Registered model name."),
+    reason: str = REASON_OPT,
+    config: Path | None = CONFIG_OPT,
+    set_: list[str] | None = SET_OPT,
+    home: Path | None = HOME_OPT,
+    tracking_uri: str | None = URI_OPT,
+) -> None:
+    """Move the champion alias back to the previous champion, from its recorded history."""
+    from kdflow import catalog
+
+    cfg = _registry_cfg(model, config, set_)
+    client = _client(home, tracking_uri)
+    try:
+        move = catalog.rollback(client, cfg, reason)
+    except catalog.CatalogError as err:
+        raise _fail(err, 1) from None
+    console.print(f"{escape(model)}: {cfg.alias} back to v{move.version} (was v{move.previous})", soft_wrap=True)
+
+
+@app.command()
+def show(
+    run: str | None = typer.Argument(None, help="Pipeline run id or name (default: the latest pipeline run)."),
+    home: Path | None = HOME_OPT,
+    tracking_uri: str | None = URI_OPT,
+) -> None:
+    """A pipeline run's final table and decision (with its reasons), read back from MLflow."""
+    from kdflow import catalog
+
+    client = _client(home, tracking_uri)
+    try:
+        parent = catalog.pipeline_run(client, run)
+        summary = catalog.run_summary(client, parent)
+    except catalog.CatalogError as err:
+        raise _fail(err, 1) from None
+    started = parent.info.start_time
+    from datetime import datetime, timezone
+
+    when = datetime.fromtimestamp(started / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if started else "?"
+    console.print(
+        f"pipeline run {escape(parent.info.run_name or '')} ({parent.info.run_id}), {parent.info.status}, "
+        f"started {when}",
+        soft_wrap=True,
+        highlight=False,
+    )
+    _print_summary(summary)
 
 
 def main() -> None:

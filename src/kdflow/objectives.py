@@ -183,6 +183,8 @@ class Objective:
     needs_features: ClassVar[bool] = False
     needs_labelled_transfer: ClassVar[bool] = False
     standardizable: ClassVar[bool] = False
+    # the `LossConfig` fields this kind's formula reads: what its run's params and lineage tags record
+    settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: LossConfig):
         # `LossConfig` refuses both already; this catches a config that skipped validation (`model_construct`)
@@ -244,6 +246,21 @@ def build(cfg: LossConfig) -> Objective:
     return cls(cfg)
 
 
+SETTING_TAGS = {"temperature": "kdflow.temperature", "alpha": "kdflow.alpha", "lam": "kdflow.lambda",
+                "beta": "kdflow.beta", "gamma": "kdflow.gamma", "standardize": "kdflow.standardize",
+                "transfer": "kdflow.transfer"}  # fmt: skip
+
+
+def used_settings(cfg: LossConfig) -> dict[str, object]:
+    """The settings of `cfg` its kind reads (`Objective.settings`): `ce` reads none of T, α, λ, β, γ."""
+    return {k: getattr(cfg, k) for k in OBJECTIVES[cfg.kind].settings}
+
+
+def setting_tags(cfg: LossConfig) -> dict[str, str]:
+    """The lineage tags of `cfg`'s used settings (`kdflow.temperature`, `kdflow.alpha`, ...)."""
+    return {SETTING_TAGS[k]: str(v) for k, v in used_settings(cfg).items()}
+
+
 @register("ce")
 class CrossEntropy(Objective):
     """L_CE: the student alone on the hard labels, the no-teacher baseline."""
@@ -265,6 +282,8 @@ class HintonKD(Objective):
     learning rate.
     """
 
+    settings = ("temperature", "alpha", "standardize", "transfer")
+
     standardizable = True
 
     def loss(self, out: Outputs, adapter: nn.Module | None) -> tuple[torch.Tensor, Parts]:
@@ -277,6 +296,8 @@ class HintonKD(Objective):
 class LogitMSE(Objective):
     """L_CE + λ·‖f_T(x) − f_S(x)‖² (Ba & Caruana 2014): raw-logit matching on the transfer set."""
 
+    settings = ("lam", "transfer")
+
     def loss(self, out: Outputs, adapter: nn.Module | None) -> tuple[torch.Tensor, Parts]:
         ce = cross_entropy(out.logits, out.labels)
         mse = logit_mse(out.student, out.teacher)
@@ -287,6 +308,8 @@ class LogitMSE(Objective):
 class FitNetsHint(HintonKD):
     """(1 − α)·L_CE + α·T²·KL + β·‖r(F_S) − F_T‖² (FitNets, Romero et al. 2015): Hinton KD plus a feature
     hint, the student's guided layer mapped to the teacher's hint layer by a learned 1×1 regressor r."""
+
+    settings = ("temperature", "alpha", "beta", "transfer")
 
     needs_features = True
     standardizable = False
@@ -317,6 +340,8 @@ class DecoupledKD(Objective):
     logits.
     """
 
+    settings = ("temperature", "alpha", "beta", "standardize", "transfer")
+
     needs_labelled_transfer = True
     standardizable = True
 
@@ -338,6 +363,8 @@ class DIST(Objective):
     is other kinds', so a dist config should set it. The intra term correlates over the transfer batch, so
     it wants batches of many images (it is meaningless below 3).
     """
+
+    settings = ("temperature", "beta", "gamma", "transfer")
 
     def loss(self, out: Outputs, adapter: nn.Module | None) -> tuple[torch.Tensor, Parts]:
         ce = cross_entropy(out.logits, out.labels)

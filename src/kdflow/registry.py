@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from kdflow.config import PolicyConfig, RegistryConfig
 from kdflow.stats import Gain
+from kdflow.tracking import current_user
 
 TEST_HASH_TAG = "kdflow.test_data_hash"
 
@@ -137,9 +138,19 @@ class Decision:
     selection_reason: str = ""  # why the selected candidate and not the runner-up
 
 
-def _metric_tags(metrics: dict[str, float]) -> dict[str, str]:
-    """Metrics as version tags, written exactly (repr) so a stored score compares equal to a recomputed one."""
-    return {k: repr(float(v)) for k, v in metrics.items()}
+# the metrics a model version carries as tags (besides the gate's and the policy's own; val_loss is the policy's
+# tie-break): what `kdflow models` shows; every other metric stays on the version's run
+HEADLINE_METRICS = (
+    "val_top1", "val_loss", "test_top1", "test_top5", "params", "macs", "latency_ms_b1", "teacher_agreement",
+    "compression", "gain_vs_ce_test_top1",
+)  # fmt: skip
+
+
+def _metric_tags(metrics: dict[str, float], cfg: RegistryConfig | None = None) -> dict[str, str]:
+    """The headline metrics (and the gate's and policy's metrics of `cfg`) as version tags, written exactly
+    (repr) so a stored score compares equal to a recomputed one."""
+    keep = set(HEADLINE_METRICS) | ({cfg.champion_metric, cfg.policy.metric} if cfg is not None else set())
+    return {k: repr(float(v)) for k, v in metrics.items() if k in keep}
 
 
 def current_champion(client, cfg: RegistryConfig):
@@ -261,10 +272,13 @@ def settle_alias(
         time.sleep(rng.uniform(*poll_s))
 
 
-def record_move(client, cfg: RegistryConfig, previous: int | None, version: int, run_id: str, reason: str) -> None:
+def record_move(
+    client, cfg: RegistryConfig, previous: int | None, version: int, run_id: str, reason: str, action: str = ""
+) -> None:
     """One registered-model tag per alias move, `kdflow.alias_move.<alias>.<ns>.<version>`: the previous and new
-    version, the run, the reason and the time, so a rollback target is always known (tags of distinct keys
-    never overwrite each other, unlike one history tag appended to by concurrent pipelines)."""
+    version, the run, the reason, who and the time, so a rollback target is always known (tags of distinct keys
+    never overwrite each other, unlike one history tag appended to by concurrent pipelines). `action`: set by
+    the registry commands (`promote`, `rollback`); a pipeline's moves have none."""
     import json
     import time
     from datetime import datetime, timezone
@@ -276,7 +290,10 @@ def record_move(client, cfg: RegistryConfig, previous: int | None, version: int,
         "run_id": run_id,
         "reason": reason[:4000],
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "user": current_user(),
     }
+    if action:
+        move["action"] = action
     key = f"{MOVE_TAG}.{cfg.alias}.{time.time_ns()}.{version}"
     client.set_registered_model_tag(cfg.model_name, key, json.dumps(move))
 
@@ -352,13 +369,13 @@ def _register(
     lineage: dict[str, str] = {}
     teacher_version = None
     if teacher_uri is not None:
-        teacher_tags = {TEST_HASH_TAG: test_hash, **_metric_tags(teacher)}
+        teacher_tags = {TEST_HASH_TAG: test_hash, **_metric_tags(teacher, cfg)}
         teacher_version = int(mlflow.register_model(teacher_uri, cfg.teacher_model_name, tags=teacher_tags).version)
         partial.teacher_version = teacher_version
         lineage = {"kdflow.teacher_model": cfg.teacher_model_name, "kdflow.teacher_version": str(teacher_version)}
     versions = partial.versions
     for c in candidates:  # one call per version: each version appears whole (files, run link, tags) or not at all
-        tags = {**c.tags, **lineage, TEST_HASH_TAG: test_hash, **_metric_tags(c.metrics)}
+        tags = {**c.tags, **lineage, TEST_HASH_TAG: test_hash, **_metric_tags(c.metrics, cfg)}
         mv = mlflow.register_model(c.model_uri, cfg.model_name, tags=tags)
         versions[c.name] = int(mv.version)
 

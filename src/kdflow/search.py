@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from kdflow import objectives
 from kdflow.config import LABELLED_TRANSFER_KINDS, STANDARDIZABLE_KINDS, LossConfig, SearchConfig
 
 BASELINE = "ce"  # the variant every search has: plain cross-entropy, α = 0
@@ -173,10 +174,7 @@ def lineage(loss: LossConfig) -> dict[str, str]:
     """The lineage tags of a search candidate once `loss` is chosen: what a fixed candidate with that loss has."""
     return {
         "kdflow.loss": loss.kind,
-        "kdflow.temperature": str(loss.temperature),
-        "kdflow.alpha": str(loss.alpha),
-        "kdflow.lambda": str(loss.lam),
-        "kdflow.transfer": loss.transfer,
+        **objectives.setting_tags(loss),
         "kdflow.search_choice": loss.name,
         "kdflow.search_settings": describe(loss),
     }

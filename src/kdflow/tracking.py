@@ -10,6 +10,7 @@ Child runs name their parent explicitly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -37,6 +38,54 @@ def progress_event(phase: str, epoch: int, of: int, **extra: float | bool) -> No
 
     event = {"phase": phase, "epoch": epoch, "of": of, "time": round(time.time(), 3), **extra}
     print(f"{PROGRESS_EVENT} {json.dumps(event)}", flush=True)
+
+
+# the experiment kind MLflow 3's UI reads (its JS bundle: the `mlflow.experimentKind` tag; without it the UI
+# infers GenAI from an empty experiment): "custom_model_development" opens it as a machine-learning experiment
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+VERSION_TAG = "kdflow.version"
+SUMMARY_ARTIFACT = "kdflow_summary.json"  # the register step's summary on the parent run (`kdflow show` reads it)
+REPORT_DIR = "report"  # the parent run's report: trade-off figure, report.md, report.html
+GIT_COMMIT_ENV = "KDFLOW_GIT_COMMIT"  # set it where the source has no .git (an image): the commit it was built from
+
+
+def current_user() -> str:
+    """Who runs or moves things: $KDFLOW_USER, else the login name."""
+    import getpass
+
+    try:
+        return os.environ.get("KDFLOW_USER") or getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
+        return "unknown"
+
+
+def git_commit() -> str | None:
+    """The commit of the kdflow source this process runs: $KDFLOW_GIT_COMMIT, else `git rev-parse HEAD` in the
+    package's checkout (None outside a git checkout)."""
+    return os.environ.get(GIT_COMMIT_ENV) or _git_head(str(Path(__file__).resolve().parent))
+
+
+@functools.lru_cache(maxsize=4)
+def _git_head(where: str) -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance_tags() -> dict[str, str]:
+    """What every kdflow run carries: the kdflow version, the git commit of its source and the user
+    (MLflow's own `mlflow.user` and `mlflow.source.git.commit`, which the UI shows)."""
+    from kdflow import __version__
+
+    tags = {VERSION_TAG: __version__, "mlflow.user": current_user()}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def kdflow_home() -> Path:
@@ -158,9 +207,13 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before kdflow tagged its kind
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location_for(uri))
+        return client.create_experiment(
+            name, artifact_location=artifact_location_for(uri), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -187,7 +240,7 @@ def parent_run_id(experiment_id: str, pipeline_run_id: str, run_name: str, param
         if os.environ.get(LOCAL_RUN_ENV) and run.data.tags.get(LOCAL_RUN_TAG) != os.environ[LOCAL_RUN_ENV]:
             client.set_tag(run.info.run_id, LOCAL_RUN_TAG, os.environ[LOCAL_RUN_ENV])  # now this local run's
         return run.info.run_id
-    tags = {PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: PIPELINE_STEP}
+    tags = {PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: PIPELINE_STEP, **provenance_tags()}
     if os.environ.get(LOCAL_RUN_ENV):  # a local `kdflow run`: the next run on its home can close what it left
         tags[LOCAL_RUN_TAG] = os.environ[LOCAL_RUN_ENV]
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
@@ -265,7 +318,10 @@ def child_run(experiment_id: str, parent_id: str, name: str, step: str, tags: di
             yield run
         return
     with mlflow.start_run(
-        experiment_id=experiment_id, run_name=name, parent_run_id=parent_id, tags={STEP_TAG: step, **(tags or {})}
+        experiment_id=experiment_id,
+        run_name=name,
+        parent_run_id=parent_id,
+        tags={STEP_TAG: step, **provenance_tags(), **(tags or {})},
     ) as run:
         yield run
 
@@ -340,9 +396,16 @@ def open_child_run(experiment_id: str, parent_id: str, name: str, step: str, tag
         set_tags_on(earlier, {STEP_TAG: step, **tags})
         return earlier
     run = client.create_run(
-        experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_id, STEP_TAG: step, **tags}
+        experiment_id,
+        run_name=name,
+        tags={"mlflow.parentRunId": parent_id, STEP_TAG: step, **provenance_tags(), **tags},
     )
     return run.info.run_id
+
+
+# MLflow names of the training engine's per-epoch metrics, where they differ: one name per quantity (the
+# evaluate step's `val_top1` is the same quantity for the kept weights)
+CURVE_NAMES = {"val_acc": "val_top1"}
 
 
 class epoch_logger:  # noqa: N801 - called like the function it was
@@ -399,7 +462,8 @@ class epoch_logger:  # noqa: N801 - called like the function it was
         now = int(time.time() * 1000)
         self.last_epoch = epoch
         self.pending.extend(
-            mlflow.entities.Metric(f"{self.prefix}{k}", float(v), now, epoch) for k, v in metrics.items()
+            mlflow.entities.Metric(f"{self.prefix}{CURVE_NAMES.get(k, k)}", float(v), now, epoch)
+            for k, v in metrics.items()
         )
         if epoch >= self.epochs or time.monotonic() - self.last_flush >= self.flush_every_s:
             self.flush()
@@ -424,6 +488,22 @@ def log_dict(data: dict, artifact_file: str) -> None:
     import mlflow
 
     mlflow.log_dict(data, artifact_file)
+
+
+def log_dict_to(run_id: str, data: dict, artifact_file: str) -> None:
+    """`data` as a JSON artifact of `run_id`, without touching its status."""
+    import mlflow
+
+    mlflow.MlflowClient().log_dict(run_id, data, artifact_file)
+
+
+def log_artifacts_to(run_id: str, local_dir: str, artifact_path: str) -> str:
+    """The files of `local_dir` as artifacts of `run_id` under `artifact_path`; returns that folder's URI."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.log_artifacts(run_id, local_dir, artifact_path)
+    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
 
 
 def log_figure(fig, artifact_file: str) -> None:

@@ -100,10 +100,7 @@ def _open(
         "kdflow.init": s.init,
         "kdflow.loss": loss.kind,
         "kdflow.loss_name": loss.name,
-        "kdflow.temperature": str(loss.temperature),
-        "kdflow.alpha": str(loss.alpha),
-        "kdflow.lambda": str(loss.lam),
-        "kdflow.transfer": loss.transfer,
+        **(objectives.setting_tags(loss) if c.search is None else {}),  # a search's: once it chose (`_search`)
         "kdflow.teacher_run_id": teacher_run,
         "kdflow.data_hash": manifest["content_hash"],
         "kdflow.trained_with": ",".join(group),
@@ -116,13 +113,14 @@ def _open(
     tracking.log_params(  # into the run, which stays RUNNING until its model is logged
         {
             **{f"student.{k}": v for k, v in s.model_dump().items()},
-            **{f"loss.{k}": v for k, v in loss.model_dump().items() if chosen_by is None},
+            **({"loss.name": loss.name, "loss.kind": loss.kind} if chosen_by is None else {}),
+            **{f"loss.{k}": v for k, v in objectives.used_settings(loss).items() if chosen_by is None},
             **{f"search.{k}": v for k, v in (chosen_by or {}).items()},
             **{f"train.{k}": v for k, v in ctx.cfg.distill.train.model_dump().items()},
         },
         run_id=run_id,
     )
-    logger = tracking.epoch_logger(f"distill {c.name}", ctx.cfg.distill.train.epochs, run_id=run_id)
+    logger = tracking.epoch_logger(f"distill {c.name}", ctx.cfg.distill.train.epochs, "epoch/", run_id)
     student = Student(model, loss, (zoo.hint_layer(spec["arch"]), zoo.hint_layer(teacher_arch)), logger)
     return _Trainee(student, spec, lineage, run_id)
 
@@ -153,7 +151,7 @@ def _twin(ctx: StepContext, c: Candidate, t: _Trainee, manifest: dict, pruned_ro
     """The candidate under another training seed: a fresh network, logging into the same run (`seed<k>.`)."""
     model, _ = _network(c, manifest, pruned_root, seed)
     epochs = ctx.cfg.distill.train.epochs
-    logger = tracking.epoch_logger(f"distill {c.name} seed {seed}", epochs, f"seed{seed}.", t.run_id)
+    logger = tracking.epoch_logger(f"distill {c.name} seed {seed}", epochs, f"seed{seed}/", t.run_id)
     return _Trainee(Student(model, c.loss, t.student.hint_layers, logger), t.spec, t.lineage, t.run_id)
 
 
@@ -223,7 +221,7 @@ def _search(ctx: StepContext, c: Candidate, t: _Trainee, train, seed: int) -> Fi
         students = []
         for v in group:
             models[v.loss.name] = model = copy.deepcopy(t.student.model)  # every variant from the same weights
-            log = tracking.epoch_logger(f"search {c.name}/{v.loss.name}", epochs, f"search.{v.loss.name}.", t.run_id)
+            log = tracking.epoch_logger(f"search {c.name}/{v.loss.name}", epochs, f"search/{v.loss.name}/", t.run_id)
             students.append(Student(model, v.loss, t.student.hint_layers, log))
         halving = search.Halving(c.search, epochs, group)
         for v, result in zip(group, train(students, f"search-{c.name}-{_STREAMS[stream]}", halt=halving)):
@@ -250,7 +248,7 @@ def _save(
     the model registered)."""
     checkpoint.save(t.student.model, t.spec, cdir)
     with tracking.reopen(t.run_id):
-        tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_top1": result.best_val_acc})
+        tracking.log_metrics({"best_epoch": result.best_epoch})  # its val_top1: the evaluate step's
         model_uri = log_servable(t.student.model, norm, data_dir)
     info = {
         "name": name,
@@ -270,6 +268,4 @@ def _save_seed(t: _Trainee, model, result: FitResult, seed: int, cdir: Path) -> 
     """A further seed's weights-only checkpoint (never registered: evaluation scores it) and its best epoch."""
     checkpoint.save(model, t.spec, seed_dir(cdir, seed))
     with tracking.reopen(t.run_id):
-        tracking.log_metrics(
-            {f"seed{seed}.best_epoch": result.best_epoch, f"seed{seed}.best_val_top1": result.best_val_acc}
-        )
+        tracking.log_metrics({f"seed{seed}.best_epoch": result.best_epoch})

@@ -49,7 +49,9 @@ def prune_teacher(ctx: StepContext, data_dir: str, teacher_dir: str, out_dir: st
                 "mac_reduction": rep.mac_reduction,
                 "val_top1_before_finetune": pruned_val_top1,
             }
-            tracking.log_metrics({f"ratio_{ratio:g}_{k}": v for k, v in row.items() if k != "importance"})
+            # one name per quantity, the ratio (in percent) as the step: a series over the ratios
+            tracking.log_metrics({f"ratio/{k}": v for k, v in row.items() if k not in ("importance", "ratio")},
+                                 step=round(100 * ratio))  # fmt: skip
             reports.append(row)
         tracking.log_dict({"reports": reports}, "prune_report.json")
     (Path(out_dir) / "report.json").write_text(json.dumps(reports, indent=1))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdflow import data, evaluate, evidence, registry, tracking
+from kdflow import data, evaluate, evidence, registry, report, tracking
 from kdflow.config import Config
 from kdflow.data import ImageSet
 from kdflow.stats import Gain, paired_gain
@@ -80,6 +80,7 @@ def register(
             )
             tracking.log_metrics({"promoted": float(decision.promoted)})
             summary["register_run_id"] = run.info.run_id
+        summary["report"] = on_parent(ctx, summary)
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text(json.dumps(summary, indent=1))
     except BaseException:
@@ -87,6 +88,43 @@ def register(
             registry.undo(tracking.client(), cfg.registry, decision)
         raise
     return summary
+
+
+PARENT_HEADLINE = ("val_top1", "test_top1", "params", "macs", "latency_ms_b1")  # on the parent, per role
+
+
+def on_parent(ctx: StepContext, summary: dict) -> str:
+    """What the pipeline's parent run carries, so pipeline runs compare at a glance: the teacher's and the
+    champion's headline metrics (`teacher.test_top1`, `champion.test_top1`, ...), the summary (what
+    `kdflow show` reads back) and the report (`report/`: the trade-off figure, report.md, report.html).
+    Returns the report page's artifact URI."""
+    import tempfile
+
+    champion = _champion_metrics(ctx.cfg.registry, summary)
+    metrics = {f"teacher.{k}": summary["teacher"][k] for k in PARENT_HEADLINE if k in summary["teacher"]}
+    metrics.update({f"champion.{k}": v for k, v in champion.items()})
+    tracking.log_metrics_to(ctx.parent_id, metrics)
+    tracking.set_tags_on(
+        ctx.parent_id,
+        {"kdflow.champion_version": str(summary["decision"]["champion_version"]),
+         "kdflow.promoted": str(summary["decision"]["promoted"])},
+    )  # fmt: skip
+    tracking.log_dict_to(ctx.parent_id, summary, tracking.SUMMARY_ARTIFACT)
+    with tempfile.TemporaryDirectory(prefix="kdflow-report-") as tmp:
+        report.write(summary, tmp)
+        return tracking.log_artifacts_to(ctx.parent_id, tmp, tracking.REPORT_DIR) + f"/{report.HTML}"
+
+
+def _champion_metrics(cfg, summary: dict) -> dict[str, float]:
+    """The champion's headline metrics after the decision: a candidate of this run's, else its version's tags."""
+    v = summary["decision"]["champion_version"]
+    if v is None:
+        return {}
+    mine = [c for c in summary["candidates"].values() if c["version"] == v]
+    source = mine[0] if mine else tracking.client().get_model_version(cfg.model_name, str(v)).tags
+    out = {k: float(source[k]) for k in PARENT_HEADLINE if k in source}
+    out["version"] = float(v)
+    return out
 
 
 def _chose(c: registry.Candidate) -> dict:

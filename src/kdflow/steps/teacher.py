@@ -114,12 +114,12 @@ def _fit_phases(
     phase with its epoch checkpoints (`checkpoints(step, phase)`), so an interrupted step continues there."""
     tcfg = cfg.teacher
     with timing.compute():
-        log = tracking.epoch_logger("teacher pretrain", tcfg.pretrain.epochs, "pretrain_")
+        log = tracking.epoch_logger("teacher pretrain", tcfg.pretrain.epochs, "pretrain/")
         kw = dict(device=device, on_epoch=log, checkpoints=checkpoints("teacher", "pretrain"))
         pre = fit(net, src["train"], src["val"], tcfg.pretrain, norm, seed=cfg.seed, **kw)
         source_test = accuracy(predict(net, src["test"].x, norm), src["test"].y) if ddp.is_main() else None
         zoo.replace_head(net, manifest["tasks"]["target"]["num_classes"], tcfg.arch)
-        log = tracking.epoch_logger("teacher finetune", tcfg.finetune.epochs, "finetune_")
+        log = tracking.epoch_logger("teacher finetune", tcfg.finetune.epochs, "finetune/")
         kw = dict(device=device, on_epoch=log, checkpoints=checkpoints("teacher", "finetune"))
         fine = fit(net, tgt["train"], tgt["val"], tcfg.finetune, norm, seed=cfg.seed + 1, **kw)
     return pre, fine, source_test
