@@ -61,8 +61,15 @@ def _fits(task, teacher, epochs: int | None):
     student = dict(cfg=recipe.train_config(), loss=recipe.loss_config(), teacher=teacher)
     return [
         ("distill (student, KD)", lambda: build_student(task, recipe, seed=0), student),
-        ("teacher fine-tune", lambda: copy.deepcopy(teacher).train(), dict(cfg=fine)),
+        ("teacher fine-tune", lambda: _trainable(copy.deepcopy(teacher)), dict(cfg=fine)),
     ]
+
+
+def _trainable(net):
+    """A copy of the teacher to fine-tune: distillation froze the original's parameters."""
+    for p in net.parameters():
+        p.requires_grad_(True)
+    return net.train()
 
 
 def _run_one(task, make, kw, policy, run_id: str, key: str) -> dict:

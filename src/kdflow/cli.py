@@ -598,6 +598,9 @@ def main() -> None:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         if done.code is not None and not isinstance(done.code, int):
             print(done.code, file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C before a local run's steps start (they have their own handler): no traceback
+        print("\ninterrupted", file=sys.stderr)
+        code = 130
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

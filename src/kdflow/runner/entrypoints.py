@@ -59,6 +59,7 @@ def _reusable(step: str, output: str):
                         shutil.copytree(earlier, out, dirs_exist_ok=True)
                     else:
                         shutil.copy2(earlier, out)
+                    shutil.copy2(done, out.with_name(out.name + DONE_SUFFIX))  # a later resume reuses it again
                     print(f"{PROGRESS_PREFIX} {step}: reused the output of the interrupted run it resumes", flush=True)
                     return record["result"]
             result = fn(**kwargs)
