@@ -426,6 +426,11 @@ def expected_metric_keys(manifest: dict, test_y: torch.Tensor, teacher_metrics: 
         keys |= {"test_top5", "val_top5"}
     keys |= {f"test_class_{int(c)}_acc" for c in test_y.unique()}
     keys |= {"params", "size_bytes", "flops", "macs", "latency_ms_b1", "latency_ms_b64", "compression", "speedup_b1"}
+    keys |= {"latency_iqr_ms_b1", "latency_iqr_ms_b64"}
+    # the ONNX export: parity with PyTorch, size, ONNX Runtime latency and the measured speed-up over the teacher
+    keys |= {"onnx_max_abs_diff", "onnx_top1_agreement", "onnx_size_bytes", "mac_ratio", "speedup", "speedup_share"}
+    keys |= {f"ort_{k}_b{b}" for k in ("latency_ms", "latency_iqr_ms", "speedup") for b in (1, 64)}
+    keys.add("speedup_flagged")
     if teacher_metrics["val_top1"] > 0:
         keys.add("teacher_retention")
     return keys
@@ -449,7 +454,7 @@ def test_evaluate_reports_recomputed_metrics(pipeline, distilled, evaluated):
     for rep in reports:
         cdir = student_dir / rep["name"]
         m = rep["metrics"]
-        assert set(rep) == {"name", "metrics", "confusion_matrix", "classes", "test_correct"}
+        assert set(rep) == {"name", "metrics", "confusion_matrix", "classes", "test_correct", "onnx_model_uri"}
         assert rep["classes"] == manifest["tasks"]["target"]["classes"]
         assert set(m) == expected_metric_keys(manifest, test.y, teacher_metrics)
         model, _ = checkpoint.load(cdir)
@@ -484,6 +489,16 @@ def test_evaluate_reports_recomputed_metrics(pipeline, distilled, evaluated):
         assert rep["test_correct"] == (logits.argmax(1) == test.y).int().tolist()  # the paired evidence's input
         assert sum(rep["test_correct"]) / len(test.y) == pytest.approx(m["test_top1"], abs=1e-7)  # float32 mean
         assert m["speedup_b1"] == teacher_metrics["latency_ms_b1"] / m["latency_ms_b1"]
+        # the ONNX model logged next to the pt2 one: PyTorch's top-1 on every test image, logits within tolerance
+        onnx_logits = tracking.load_logits_fn(rep["onnx_model_uri"])(test.x.float())
+        pt_logits = evaluate.predict(model, test.x, norm)
+        assert m["onnx_top1_agreement"] == 1.0 and (onnx_logits.argmax(1) == pt_logits.argmax(1)).all()
+        assert m["onnx_max_abs_diff"] == pytest.approx(float((onnx_logits - pt_logits).abs().max()), abs=1e-6)
+        assert m["onnx_max_abs_diff"] <= pipeline.cfg.export.parity_atol
+        assert m["mac_ratio"] == teacher_metrics["macs"] / m["macs"]
+        assert m["speedup"] == m["ort_speedup_b64"] and m["speedup_share"] == m["speedup"] / m["mac_ratio"]
+        assert m["speedup_flagged"] == float(m["speedup_share"] < 0.5)  # (mac_ratio > 1: pruned)
+        assert m["ort_latency_iqr_ms_b64"] >= 0 and m["ort_latency_ms_b1"] > 0
 
 
 def test_evaluate_logs_the_metrics_and_the_confusion_matrix_on_the_candidates_run(pipeline, distilled, evaluated):
@@ -637,11 +652,13 @@ def test_register_versions_every_model_and_moves_the_alias_only_for_a_better_pic
         "kdflow.teacher_model": teacher_model,
         "kdflow.teacher_version": "3",
         registry.TEST_HASH_TAG: pipeline.manifest["target_test_hash"],
+        registry.ONNX_URI_TAG: {r["name"]: r for r in reports}[pick]["onnx_model_uri"],
         **{k: repr(float(v)) for k, v in {**by_name[pick], **extra}.items()},
     }
     tv = client.get_model_version(teacher_model, "3")
     assert tv.tags == {
         registry.TEST_HASH_TAG: pipeline.manifest["target_test_hash"],
+        registry.ONNX_URI_TAG: teacher_info["onnx_model_uri"],
         **{k: repr(float(v)) for k, v in teacher_info["metrics"].items()},
     }
 

@@ -397,8 +397,13 @@ class EvalConfig(_Section):
     latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])  # 1 is required: policy, summary
     latency_warmup: int = Field(5, ge=0, le=1000)
     latency_repeats: int = Field(30, ge=1, le=10_000)
-    latency_threads: int = Field(1, ge=1, le=256)
+    latency_threads: int = Field(1, ge=1, le=256)  # intra-op threads of every runtime timed (torch, ONNX Runtime)
     ece_bins: int = Field(15, ge=2, le=1000)
+    # "is it really faster": a candidate whose measured speed-up over the teacher (ONNX Runtime when exported,
+    # else PyTorch, at `speedup_batch`; None = the largest latency batch size) is below this share of its MAC
+    # ratio is flagged
+    min_speedup_share: float = Field(0.5, gt=0.0, le=1.0)
+    speedup_batch: int | None = Field(None, ge=1)
 
     @field_validator("latency_batch_sizes")
     @classmethod
@@ -409,6 +414,41 @@ class EvalConfig(_Section):
             raise ValueError(f"latency batch sizes must include 1, got {sizes}")
         return _distinct(sizes, "latency batch sizes")
 
+    @model_validator(mode="after")
+    def _speedup_batch_timed(self) -> EvalConfig:
+        if self.speedup_batch is not None and self.speedup_batch not in self.latency_batch_sizes:
+            raise ValueError(
+                f"evaluate.speedup_batch={self.speedup_batch} is not one of "
+                f"evaluate.latency_batch_sizes={self.latency_batch_sizes}"
+            )
+        return self
+
+    @property
+    def speedup_at(self) -> int:
+        """The batch size the measured speed-up is taken at."""
+        return self.speedup_batch or max(self.latency_batch_sizes)
+
+
+class ExportConfig(_Section):
+    """ONNX export of the teacher and every candidate (normalisation included, dynamic batch axis), checked
+    against PyTorch on the target test split: a max absolute logit difference above `parity_atol` or a top-1
+    disagreement on any test image fails that model's export."""
+
+    onnx: bool = True
+    opset: int = Field(18, ge=18, le=23)  # the dynamo exporter's opsets
+    parity_atol: float = Field(1e-3, gt=0.0, le=10.0)
+
+
+class QuantizeConfig(_Section):
+    """INT8 post-training static quantization of every candidate's ONNX model with ONNX Runtime (QDQ format,
+    int8 weights, uint8 activations), calibrated on target training images; each quantized model becomes a
+    candidate of its own (`<candidate>-int8`)."""
+
+    enabled: bool = False
+    calibration_images: int = Field(512, ge=1, le=100_000)  # from the target train split, a seeded draw
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"  # ONNX Runtime's CalibrationMethod
+    per_channel: bool = True  # one weight scale per output channel
+
 
 class PolicyConfig(_Section):
     """How the best candidate is chosen on validation data, before the champion gate on test data."""
@@ -418,6 +458,7 @@ class PolicyConfig(_Section):
     max_params: int | None = Field(None, ge=1)
     max_latency_ms: float | None = Field(None, gt=0.0)
     min_teacher_retention: float | None = Field(None, gt=0.0, le=2.0)
+    min_speedup: float | None = Field(None, gt=0.0)  # measured latency speed-up over the teacher (`speedup`)
 
 
 class RegistryConfig(_Section):
@@ -554,8 +595,16 @@ class Config(_Section):
     prune: PruneConfig = Field(default_factory=PruneConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _quantize_needs_onnx(self) -> Config:
+        if self.quantize.enabled and not self.export.onnx:
+            raise ValueError("quantize.enabled needs export.onnx: the INT8 models are quantized ONNX models")
+        return self
 
     @model_validator(mode="after")
     def _students_match_pruning(self) -> Config:
