@@ -133,7 +133,8 @@ def quantize_int8(
     fp32: str | Path, calibration: torch.Tensor, out: str | Path, method: str = "minmax", per_channel: bool = True
 ) -> Path:
     """ONNX Runtime static INT8 quantization of `fp32` (QDQ; int8 weights, uint8 activations), calibrated on
-    `calibration` (raw images, fed in batches of 64). Conv+BatchNorm are folded and shapes inferred first."""
+    `calibration` (raw images, fed in batches of 64). Conv+BatchNorm are folded and shapes inferred first. The
+    classifier head stays FP32 (`classifier_head`): a tiny share of the work, and uint8 logits would tie."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -159,6 +160,7 @@ def quantize_int8(
         "percentile": CalibrationMethod.Percentile,
     }
     quant_pre_process(str(fp32), str(pre))
+    head = classifier_head(pre)
     quantize_static(
         str(pre),
         str(out),
@@ -168,9 +170,27 @@ def quantize_int8(
         weight_type=QuantType.QInt8,
         per_channel=per_channel,
         calibrate_method=methods[method],
+        nodes_to_exclude=head,
     )
     pre.unlink(missing_ok=True)
     return out
+
+
+def classifier_head(path: str | Path) -> list[str]:
+    """The names of the nodes that compute the logits from the last features: the linear layer (Gemm, or MatMul
+    then Add) that produces the graph's output."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producer = {out: n for n in graph.node for out in n.output}
+    head, name = [], graph.output[0].name
+    while name in producer and producer[name].op_type in ("Gemm", "MatMul", "Add") and len(head) < 2:
+        node = producer[name]
+        head.append(node.name)
+        if node.op_type != "Add":
+            break
+        name = node.input[0]
+    return head
 
 
 def set_classes(path: str | Path, classes: list[str]) -> None:
