@@ -236,3 +236,59 @@ def test_mlflow_models_serve_answers_with_the_onnx_models_logits_and_its_class_n
     served_classes = get_model_info("models:/serve-onnx-student@champion").metadata["classes"]  # what was served
     assert [served_classes[i] for i in logits.argmax(1)] == [CLASSES[i] for i in want.argmax(1)]
     assert json.loads(onnx.load(str(path)).metadata_props[0].value) == CLASSES  # in the ONNX file itself too
+
+
+def test_the_final_table_shows_onnx_runtime_latency_and_flags_a_candidate_not_really_faster(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from kdflow import cli
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=220))
+    row = {"params": 1000, "macs": 250_000, "latency_ms_b1": 0.5, "teacher_agreement": 0.99, "mac_ratio": 4.0}
+    summary = {
+        "model_name": "m",
+        "teacher": {
+            "val_top1": 0.9,
+            "test_top1": 0.91,
+            "params": 9000,
+            "macs": 1_000_000,
+            "latency_ms_b1": 0.7,
+            "ort_latency_ms_b1": 0.4321,
+            "version": 1,
+        },  # fmt: skip
+        "candidates": {
+            "s-kd": {
+                **row,
+                "val_top1": 0.95,
+                "test_top1": 0.9,
+                "version": 1,
+                "ort_latency_ms_b1": 0.1234,
+                "speedup": 3.14,
+                "speedup_flagged": 0.0,
+            },  # fmt: skip
+            "s-kd-int8": {
+                **row,
+                "val_top1": 0.94,
+                "test_top1": 0.89,
+                "version": 2,
+                "ort_latency_ms_b1": 0.0987,
+                "speedup": 1.5,
+                "speedup_flagged": 1.0,
+            },  # fmt: skip
+        },
+        "decision": {"champion_version": 1, "selected": "s-kd", "rejected": {}, "promoted": True, "reason": "r"},
+        "speedup": {"runtime": "onnxruntime", "batch": 64, "threads": 1, "min_share": 0.5},
+    }
+    cli._print_summary(summary)
+    lines = out.getvalue().splitlines()
+    header = next(line for line in lines if "model" in line and "MACs" in line)
+    assert "ORT ms @b1" in header and "speed-up / MACs" in header
+    assert "0.4321"[:5] in next(line for line in lines if "│ teacher" in line)
+    kd = next(line for line in lines if "│ s-kd " in line)
+    int8 = next(line for line in lines if "│ s-kd-int8" in line)
+    assert "0.123" in kd and "3.1x / 4.0x" in kd and "!" not in kd
+    assert "0.099" in int8 and "1.5x / 4.0x !" in int8
+    assert "measured in onnxruntime at batch 64 with 1 thread(s)" in out.getvalue()

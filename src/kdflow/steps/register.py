@@ -76,6 +76,12 @@ def register(
                 },
                 "model_name": cfg.registry.model_name,
                 "policy": cfg.registry.policy.model_dump(),
+                "speedup": {  # how `speedup` was measured (`steps.evaluate.speedup`)
+                    "runtime": "onnxruntime" if cfg.export.onnx else "pytorch",
+                    "batch": cfg.evaluate.speedup_at,
+                    "threads": cfg.evaluate.latency_threads,
+                    "min_share": cfg.evaluate.min_speedup_share,
+                },
             }
             tracking.log_dict(summary, "decision.json")
             tracking.set_tags(
