@@ -60,13 +60,7 @@ def register(
                 val_images=val_images,
                 paired=pairing(test, logits_of, _registered_correct(report_paths)),
             )
-            if teacher_info.get("onnx_model_uri"):
-                tracking.client().set_model_version_tag(
-                    cfg.registry.teacher_model_name,
-                    str(decision.teacher_version),
-                    registry.ONNX_URI_TAG,
-                    teacher_info["onnx_model_uri"],
-                )
+            _tag_teacher_onnx(cfg, decision, teacher_info)
             summary = {
                 "decision": asdict(decision),
                 "evidence": ev.summary(),
@@ -76,12 +70,7 @@ def register(
                 },
                 "model_name": cfg.registry.model_name,
                 "policy": cfg.registry.policy.model_dump(),
-                "speedup": {  # how `speedup` was measured (`steps.evaluate.speedup`)
-                    "runtime": "onnxruntime" if cfg.export.onnx else "pytorch",
-                    "batch": cfg.evaluate.speedup_at,
-                    "threads": cfg.evaluate.latency_threads,
-                    "min_share": cfg.evaluate.min_speedup_share,
-                },
+                "speedup": _speedup_note(cfg),
             }
             tracking.log_dict(summary, "decision.json")
             tracking.set_tags(
@@ -100,6 +89,27 @@ def register(
             registry.undo(tracking.client(), cfg.registry, decision)
         raise
     return summary
+
+
+def _tag_teacher_onnx(cfg: Config, decision: registry.Decision, teacher_info: dict) -> None:
+    """The teacher's version names its ONNX model, as the candidates' versions do."""
+    if teacher_info.get("onnx_model_uri") and decision.teacher_version is not None:
+        tracking.client().set_model_version_tag(
+            cfg.registry.teacher_model_name,
+            str(decision.teacher_version),
+            registry.ONNX_URI_TAG,
+            teacher_info["onnx_model_uri"],
+        )
+
+
+def _speedup_note(cfg: Config) -> dict:
+    """How the candidates' `speedup` was measured (`steps.evaluate.speedup`), for the summary and its table."""
+    return {
+        "runtime": "onnxruntime" if cfg.export.onnx else "pytorch",
+        "batch": cfg.evaluate.speedup_at,
+        "threads": cfg.evaluate.latency_threads,
+        "min_share": cfg.evaluate.min_speedup_share,
+    }
 
 
 def _chose(c: registry.Candidate) -> dict:
