@@ -3,11 +3,11 @@
 Export uses torch's dynamo-based exporter (`torch.onnx.export(..., dynamo=True)`) on the registered form of a
 model (normalisation + network: raw float32 pixels in [0, 255] → logits), with the batch axis dynamic.
 
-INT8 is ONNX Runtime's post-training static quantization (QDQ format, int8 weights per output channel, uint8
-activations), calibrated on target training images. ONNX Runtime rather than PyTorch's PT2E: the model that
-ships is the ONNX model and ONNX Runtime runs it, so its quantizer's choices (which ops it has int8 kernels for,
-Conv+BatchNorm folded first by `quant_pre_process`) are the ones that make the shipped model fast; a PT2E model
-would still have to be exported and would be timed in a runtime it does not ship in.
+INT8 is ONNX Runtime's post-training static quantization (QDQ format, int8 weights, uint8 activations),
+calibrated on target training images. ONNX Runtime rather than PyTorch's PT2E: the model that ships is the ONNX
+model and ONNX Runtime runs it, so its quantizer's choices (which ops it has int8 kernels for, Conv+BatchNorm
+folded first by `quant_pre_process`) are the ones that make the shipped model fast; a PT2E model would still
+have to be exported and would be timed in a runtime it does not ship in.
 
 No MLflow here (`kdflow.tracking` logs the files); no config object either, so benchmarks call it directly.
 """
@@ -130,9 +130,10 @@ def data_hash(x: torch.Tensor) -> str:
 
 
 def quantize_int8(
-    fp32: str | Path, calibration: torch.Tensor, out: str | Path, method: str = "minmax", per_channel: bool = True
+    fp32: str | Path, calibration: torch.Tensor, out: str | Path, method: str = "minmax", per_channel: bool = False
 ) -> Path:
-    """ONNX Runtime static INT8 quantization of `fp32` (QDQ; int8 weights, uint8 activations), calibrated on
+    """ONNX Runtime static INT8 quantization of `fp32` (QDQ; int8 weights, one scale per tensor or per output
+    channel, uint8 activations), calibrated on
     `calibration` (raw images, fed in batches of 64). Conv+BatchNorm are folded and shapes inferred first. The
     classifier head stays FP32 (`classifier_head`): a tiny share of the work, and uint8 logits would tie."""
     from onnxruntime.quantization import (
