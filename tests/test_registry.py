@@ -81,6 +81,18 @@ def test_min_teacher_retention_boundary_and_reason():
     assert sel.best.name == "at"
 
 
+def test_min_speedup_reads_the_measured_speedup_and_says_so():
+    # 2.0x exactly is kept, 1.99x and a candidate without a measured speed-up are not
+    cs = [cand("at", speedup=2.0), cand("under", speedup=1.99), cand("unmeasured"), cand("fast", speedup=5.0)]
+    sel = select(cs, only(min_speedup=2.0), TEACHER)
+    assert sel.rejected == {
+        "under": "measured speed-up 1.99x < 2.0x",
+        "unmeasured": "measured speed-up 0.00x < 2.0x",
+    }
+    assert sel.best.name == "at"  # the policy ranks qualifiers by val_top1, then name: not by speed
+    assert PolicyConfig().min_speedup is None  # off by default
+
+
 def test_min_teacher_retention_with_a_teacher_that_gets_nothing_right():
     sel = select([cand("a", val_top1=0.0)], only(min_teacher_retention=0.9), {**TEACHER, "val_top1": 0.0})
     assert sel.rejected == {} and sel.best.name == "a"  # nothing to retain: no division by zero

@@ -14,11 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdflow import data, evaluate, registry, stats, tracking
+from kdflow import data, deploy, evaluate, registry, stats, tracking
 from kdflow.config import Config, load_config
 from kdflow.errors import ConfigError
 from kdflow.models import checkpoint, count_params
 from kdflow.steps import distill as distill_step
+from kdflow.steps import register as register_step
 from kdflow.steps.context import GROUP_FILE, INFO_FILE, StepContext, pruned_dir, read_info, seed_dir
 from kdflow.steps.data_prep import prepare_data, record_data
 from kdflow.steps.distill import distill
@@ -453,6 +454,11 @@ def expected_metric_keys(manifest: dict, test_y: torch.Tensor, teacher_metrics: 
         keys |= {"test_top5", "val_top5"}
     keys |= {f"test_class_{int(c)}_acc" for c in test_y.unique()}
     keys |= {"params", "size_bytes", "flops", "macs", "latency_ms_b1", "latency_ms_b64", "compression", "speedup_b1"}
+    keys |= {"latency_iqr_ms_b1", "latency_iqr_ms_b64"}
+    # the ONNX export: parity with PyTorch, size, ONNX Runtime latency and the measured speed-up over the teacher
+    keys |= {"onnx_max_abs_diff", "onnx_top1_agreement", "onnx_size_bytes", "mac_ratio", "speedup", "speedup_share"}
+    keys |= {f"ort_{k}_b{b}" for k in ("latency_ms", "latency_iqr_ms", "speedup") for b in (1, 64)}
+    keys.add("speedup_flagged")
     if teacher_metrics["val_top1"] > 0:
         keys.add("teacher_retention")
     return keys
@@ -476,7 +482,7 @@ def test_evaluate_reports_recomputed_metrics(pipeline, distilled, evaluated):
     for rep in reports:
         cdir = student_dir / rep["name"]
         m = rep["metrics"]
-        assert set(rep) == {"name", "metrics", "confusion_matrix", "classes", "test_correct"}
+        assert set(rep) == {"name", "metrics", "confusion_matrix", "classes", "test_correct", "onnx_model_uri"}
         assert rep["classes"] == manifest["tasks"]["target"]["classes"]
         assert set(m) == expected_metric_keys(manifest, test.y, teacher_metrics)
         model, _ = checkpoint.load(cdir)
@@ -511,6 +517,16 @@ def test_evaluate_reports_recomputed_metrics(pipeline, distilled, evaluated):
         assert rep["test_correct"] == (logits.argmax(1) == test.y).int().tolist()  # the paired evidence's input
         assert sum(rep["test_correct"]) / len(test.y) == pytest.approx(m["test_top1"], abs=1e-7)  # float32 mean
         assert m["speedup_b1"] == teacher_metrics["latency_ms_b1"] / m["latency_ms_b1"]
+        # the ONNX model logged next to the pt2 one: PyTorch's top-1 on every test image, logits within tolerance
+        onnx_logits = tracking.load_logits_fn(rep["onnx_model_uri"])(test.x.float())
+        pt_logits = evaluate.predict(model, test.x, norm)
+        assert m["onnx_top1_agreement"] == 1.0 and (onnx_logits.argmax(1) == pt_logits.argmax(1)).all()
+        assert m["onnx_max_abs_diff"] == pytest.approx(float((onnx_logits - pt_logits).abs().max()), abs=1e-6)
+        assert m["onnx_max_abs_diff"] <= pipeline.cfg.export.parity_atol
+        assert m["mac_ratio"] == teacher_metrics["macs"] / m["macs"]
+        assert m["speedup"] == m["ort_speedup_b64"] and m["speedup_share"] == m["speedup"] / m["mac_ratio"]
+        assert m["speedup_flagged"] == float(m["speedup_share"] < 0.5)  # (mac_ratio > 1: pruned)
+        assert m["ort_latency_iqr_ms_b64"] >= 0 and m["ort_latency_ms_b1"] > 0
 
 
 def test_evaluate_logs_the_metrics_and_the_confusion_matrix_on_the_candidates_run(pipeline, distilled, evaluated):
@@ -673,6 +689,7 @@ def test_register_versions_every_model_and_moves_the_alias_only_for_a_better_pic
         "kdflow.teacher_model": teacher_model,
         "kdflow.teacher_version": "3",
         registry.TEST_HASH_TAG: pipeline.manifest["target_test_hash"],
+        registry.ONNX_URI_TAG: {r["name"]: r for r in reports}[pick]["onnx_model_uri"],
         # lineage and a few headline metrics only; the rest stays on the run
         **{k: repr(float(v)) for k, v in {**by_name[pick], **extra}.items() if k in HEADLINE},
     }
@@ -680,6 +697,7 @@ def test_register_versions_every_model_and_moves_the_alias_only_for_a_better_pic
     tv = client.get_model_version(teacher_model, "3")
     assert tv.tags == {
         registry.TEST_HASH_TAG: pipeline.manifest["target_test_hash"],
+        registry.ONNX_URI_TAG: teacher_info["onnx_model_uri"],
         **{k: repr(float(v)) for k, v in teacher_info["metrics"].items() if k in HEADLINE},
     }
 
@@ -747,6 +765,105 @@ def test_register_needs_a_report_for_every_candidate(pipeline, distilled, evalua
         register(ctx, pipeline.data_dir, pipeline.teacher_dir, [str(student_dir)], [str(partial)], str(tmp_path / "d"))
     assert versions_of(client, model) == [] and len(all_runs(client, ctx)) == before
     assert not (tmp_path / "d").exists()
+
+
+# ------------------------------------------------------------------------------------ INT8 candidates
+
+INT8_NAMES = [f"{n}-int8" for n in NAMES]
+
+
+@pytest.fixture(scope="module")
+def quantized(pipeline, distilled):
+    """The evaluate step of another pipeline run with `quantize.enabled` on the same candidates: (its context,
+    the reports, the report file)."""
+    _, student_dir = distilled
+    ctx = pipeline.context(
+        "steps-int8",
+        **{
+            "quantize.enabled": True,
+            "quantize.calibration_images": 64,
+            "registry.model_name": "int8-student",
+            "registry.teacher_model_name": "int8-teacher",
+        },
+    )
+    path = pipeline.tmp / "reports-int8" / "report.json"
+    reports = evaluate_candidates(ctx, pipeline.data_dir, pipeline.teacher_dir, str(student_dir), str(path))
+    return ctx, reports, path
+
+
+def test_a_quantized_candidate_is_scored_in_onnx_runtime_in_a_run_of_its_own(pipeline, distilled, quantized):
+    import mlflow.onnx
+    import onnx
+
+    _, student_dir = distilled
+    ctx, reports, _ = quantized
+    client = pipeline.client()
+    assert [r["name"] for r in reports] == NAMES + INT8_NAMES  # the INT8 ones after the FP32 ones
+    fp32 = {r["name"]: r for r in reports[:2]}
+    test = data.load_imageset(pipeline.data_dir, "target", "test")
+    val = data.load_imageset(pipeline.data_dir, "target", "val")
+    train_x, _ = data.load_split(pipeline.data_dir, "target", "train")
+    calibration = deploy.calibration_set(train_x, 64, ctx.cfg.seed)
+    assert len(calibration) == 64
+    for q in reports[2:]:
+        src = fp32[q["quantized_from"]]
+        assert q["name"] == f"{src['name']}-int8"
+        m, s = q["metrics"], src["metrics"]
+        logits = tracking.load_logits_fn(q["model_uri"])(test.x.float())  # the logged INT8 model, in ONNX Runtime
+        assert q["test_correct"] == (logits.argmax(1) == test.y).int().tolist()
+        assert m["test_top1"] == evaluate.accuracy(logits, test.y)
+        val_logits = tracking.load_logits_fn(q["model_uri"])(val.x.float())
+        assert m["val_top1"] == evaluate.accuracy(val_logits, val.y)
+        assert m["int8_test_top1_drop"] == s["test_top1"] - m["test_top1"]
+        assert (m["params"], m["macs"], m["flops"]) == (s["params"], s["macs"], s["flops"])
+        assert m["latency_ms_b1"] == m["ort_latency_ms_b1"] and m["latency_ms_b64"] == m["ort_latency_ms_b64"]
+        assert m["int8_speedup_b64"] == s["ort_latency_ms_b64"] / m["ort_latency_ms_b64"]
+        assert m["mac_ratio"] == s["mac_ratio"] and m["speedup"] == m["ort_speedup_b64"]
+        graph = mlflow.onnx.load_model(q["model_uri"])
+        ops = {n.op_type for n in graph.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.graph.initializer)  # int8 weights
+        assert m["size_bytes"] == m["onnx_size_bytes"] < s["onnx_size_bytes"]
+        run = client.get_run(q["run_id"])
+        assert run.info.status == "FINISHED" and run.info.run_name == q["name"]
+        assert run.data.tags["mlflow.parentRunId"] == ctx.parent_id
+        assert run.data.tags[registry.QUANTIZED_FROM_TAG] == src["name"]
+        assert run.data.tags[registry.CALIBRATION_HASH_TAG] == deploy.data_hash(calibration)
+        assert run.data.tags["kdflow.fp32_run_id"] == read_info(student_dir / src["name"])["run_id"]
+        assert run.data.metrics["test_top1"] == m["test_top1"]
+        assert json.loads(run.data.params["quantize.calibration_count"]) == 64
+
+
+def test_quantized_candidates_are_registered_with_their_fp32_version_and_calibration_hash(
+    pipeline, distilled, quantized, tmp_path
+):
+    _, student_dir = distilled
+    ctx, reports, path = quantized
+    client = pipeline.client()
+    out = str(tmp_path / "summary.json")
+    summary = register(ctx, pipeline.data_dir, pipeline.teacher_dir, [str(student_dir)], [str(path)], out)
+    versions = summary["decision"]["versions"]
+    assert versions == {NAMES[0]: 1, NAMES[1]: 2, INT8_NAMES[0]: 3, INT8_NAMES[1]: 4}
+    assert set(summary["candidates"]) == set(NAMES + INT8_NAMES)
+    by_name = {r["name"]: r for r in reports}
+    for name in INT8_NAMES:
+        mv = client.get_model_version("int8-student", str(versions[name]))
+        src = by_name[name]["quantized_from"]
+        assert mv.tags[registry.FP32_VERSION_TAG] == str(versions[src])
+        assert mv.tags[registry.QUANTIZED_FROM_TAG] == src
+        assert mv.tags[registry.CALIBRATION_HASH_TAG] == by_name[name]["tags"][registry.CALIBRATION_HASH_TAG]
+        assert mv.tags[registry.ONNX_URI_TAG] == by_name[name]["model_uri"]
+        assert mv.run_id == by_name[name]["run_id"]
+    for name in NAMES:  # an FP32 version names its ONNX model and no FP32 version of its own
+        mv = client.get_model_version("int8-student", str(versions[name]))
+        assert mv.tags[registry.ONNX_URI_TAG] == by_name[name]["onnx_model_uri"]
+        assert registry.FP32_VERSION_TAG not in mv.tags
+    # an INT8 champion can be rescored (another run's test split): its logits come from ONNX Runtime
+    test = data.load_imageset(pipeline.data_dir, "target", "test")
+    q = by_name[INT8_NAMES[0]]
+    uri = f"models:/int8-student/{versions[INT8_NAMES[0]]}"
+    logits = register_step._logits(ctx.cfg, pipeline.manifest, test, uri)
+    assert (logits.argmax(1) == test.y).int().tolist() == q["test_correct"]
 
 
 # ------------------------------------------------------------------------------------------ finalize

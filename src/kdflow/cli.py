@@ -180,6 +180,17 @@ def _evidence_cells(name: str, ev: dict) -> list[str]:
     return [vs, _shown_gain(scratch.get(name))] if scratch else [vs]
 
 
+def _speed_cells(m: dict, cols: tuple[str, ...], teacher: bool = False) -> list[str]:
+    """The ONNX Runtime batch-1 latency and `speed-up / MACs` cells (`3.1x / 4.0x`, `!` when flagged)."""
+    cells = []
+    if "ORT ms @b1" in cols:
+        cells.append(f"{m['ort_latency_ms_b1']:.3f}" if "ort_latency_ms_b1" in m else "")
+    if "speed-up / MACs" in cols:
+        shown = "" if teacher or "speedup" not in m else f"{m['speedup']:.1f}x / {m['mac_ratio']:.1f}x"
+        cells.append(shown + (" !" if m.get("speedup_flagged") else ""))
+    return cells
+
+
 def _print_summary(summary: dict) -> None:
     """The run's final table: the teacher and every candidate, their evidence against `ce`, and the decision."""
     d, ev = summary["decision"], summary.get("evidence", {})
@@ -187,7 +198,10 @@ def _print_summary(summary: dict) -> None:
     table = Table(title=f"{summary['model_name']}: teacher and candidates (top-1 on val and test)")
     evidence_cols = ["vs ce, 95% CI"] + (["vs scratch"] if ev.get("gains_vs_scratch") else [])
     seeds = max((int(c.get("seeds", 1)) for c in summary["candidates"].values()), default=1)
-    cols = ("model", "val", "test", *evidence_cols, "params", "MACs", "ms @b1")
+    fast = summary.get("speedup")  # ONNX Runtime latency and the measured speed-up (`kdflow.deploy`)
+    speed_cols = ("ORT ms @b1", "speed-up / MACs") if fast and fast["runtime"] == "onnxruntime" else ()
+    speed_cols = speed_cols or (("speed-up / MACs",) if fast else ())
+    cols = ("model", "val", "test", *evidence_cols, "params", "MACs", "ms @b1", *speed_cols)
     if seeds > 1:  # val: the seeds' mean (what selection used); test: mean ± std over seeds
         cols = ("model", f"val (mean of {seeds})", f"test (mean ± sd of {seeds})", *cols[3:])
     for col in (*cols, "agrees", "ver", "status"):
@@ -197,8 +211,8 @@ def _print_summary(summary: dict) -> None:
     teacher_status = "[yellow]weak teacher[/yellow]" if ev.get("weak_teacher") else ""
     table.add_row(
         "teacher", f"{t['val_top1']:.2%}", f"{t['test_top1']:.2%}", *[""] * len(evidence_cols),
-        f"{int(t['params']):,}", _macs(t["macs"]), f"{t['latency_ms_b1']:.3f}", "",
-        f"v{t['version']}", teacher_status,
+        f"{int(t['params']):,}", _macs(t["macs"]), f"{t['latency_ms_b1']:.3f}",
+        *_speed_cells(t, speed_cols, teacher=True), "", f"v{t['version']}", teacher_status,
     )  # fmt: skip
     for name, c in sorted(summary["candidates"].items(), key=lambda kv: -kv[1]["val_top1"]):
         mark = "champion" if c["version"] == d["champion_version"] else ("selected" if name == d["selected"] else "")
@@ -209,7 +223,7 @@ def _print_summary(summary: dict) -> None:
             test = f"{c['test_top1_mean']:.2%} ± {100 * c['test_top1_std']:.1f}"
         table.add_row(
             name, f"{c['val_top1']:.2%}", test, *_evidence_cells(name, ev),
-            f"{int(c['params']):,}", _macs(c["macs"]), f"{c['latency_ms_b1']:.3f}",
+            f"{int(c['params']):,}", _macs(c["macs"]), f"{c['latency_ms_b1']:.3f}", *_speed_cells(c, speed_cols),
             f"{c['teacher_agreement']:.2%}", f"v{c['version']}", mark,
         )  # fmt: skip
     # a terminal shows what fits its width; a log or a pipe gets the whole table, however many evidence columns
@@ -232,6 +246,13 @@ def _print_summary(summary: dict) -> None:
                 f"over {seeds} training seeds: the intervals cover the seed spread and the test images; the "
                 "registered model is the first seed's, and its own test top-1 is what the champion gate compares"
             )
+    if fast:
+        console.print(
+            f"speed-up: the teacher's latency over the model's, measured in {fast['runtime']} at batch "
+            f"{fast['batch']} with {fast['threads']} thread(s), next to the MAC ratio; ! = below "
+            f"{fast['min_share']:.0%} of the MAC ratio (evaluate.min_speedup_share); ms @b1 is PyTorch eager "
+            "(ONNX Runtime for -int8 models)"
+        )
     for name, c in summary["candidates"].items():
         if c.get("search_choice"):
             console.print(f"{escape(name)}: the search chose {escape(c['search_choice'])}", soft_wrap=True)

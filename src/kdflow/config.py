@@ -504,6 +504,11 @@ class EvalConfig(_Section):
     """CPU threads while timing."""
     ece_bins: int = Field(15, ge=2, le=1000)
     """Confidence bins of the expected calibration error."""
+    min_speedup_share: float = Field(0.5, gt=0.0, le=1.0)
+    """"Is it really faster": a candidate whose measured speed-up over the teacher (ONNX Runtime when exported,
+    else PyTorch, at `speedup_batch`) is below this share of its MAC ratio is flagged."""
+    speedup_batch: int | None = Field(None, ge=1)
+    """The batch size the speed-up is measured at; null: the largest of `latency_batch_sizes`."""
 
     @field_validator("latency_batch_sizes")
     @classmethod
@@ -513,6 +518,49 @@ class EvalConfig(_Section):
         if 1 not in sizes:  # batch-1 latency feeds the policy's max_latency_ms and the run's summary
             raise ValueError(f"latency batch sizes must include 1, got {sizes}")
         return _distinct(sizes, "latency batch sizes")
+
+    @model_validator(mode="after")
+    def _speedup_batch_timed(self) -> EvalConfig:
+        if self.speedup_batch is not None and self.speedup_batch not in self.latency_batch_sizes:
+            raise ValueError(
+                f"evaluate.speedup_batch={self.speedup_batch} is not one of "
+                f"evaluate.latency_batch_sizes={self.latency_batch_sizes}"
+            )
+        return self
+
+    @property
+    def speedup_at(self) -> int:
+        """The batch size the measured speed-up is taken at."""
+        return self.speedup_batch or max(self.latency_batch_sizes)
+
+
+class ExportConfig(_Section):
+    """ONNX export of the teacher and every candidate (normalisation included, dynamic batch axis), checked
+    against PyTorch on the target test split: a max absolute logit difference above `parity_atol` or a top-1
+    disagreement on any test image fails that model's export."""
+
+    onnx: bool = True
+    """Export to ONNX and log it with MLflow's `onnx` flavor next to the pt2 model."""
+    opset: int = Field(18, ge=18, le=23)
+    """The ONNX opset (the dynamo exporter's: 18 to 23)."""
+    parity_atol: float = Field(1e-3, gt=0.0, le=10.0)
+    """The largest absolute logit difference to PyTorch on the target test split that passes."""
+
+
+class QuantizeConfig(_Section):
+    """INT8 post-training static quantization of every candidate's ONNX model with ONNX Runtime (QDQ format,
+    int8 weights, uint8 activations), calibrated on target training images; each quantized model becomes a
+    candidate of its own (`<candidate>-int8`). Weights get one scale per tensor by default: on MNIST -> USPS
+    per-channel scales lost 0.8-4.5 test points where per-tensor lost 0-0.2 (benchmarks/README.md)."""
+
+    enabled: bool = False
+    """Quantize every candidate to INT8 (each becomes a candidate `<candidate>-int8`); needs `export.onnx`."""
+    calibration_images: int = Field(512, ge=1, le=100_000)
+    """Calibration images, a seeded draw from the target training split."""
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    """ONNX Runtime's calibration method."""
+    per_channel: bool = False
+    """One weight scale per output channel instead of per tensor."""
 
 
 class CheckpointConfig(_Section):
@@ -542,6 +590,8 @@ class PolicyConfig(_Section):
     """Candidates need a batch-1 CPU latency of at most this; null: no constraint."""
     min_teacher_retention: float | None = Field(None, gt=0.0, le=2.0)
     """Candidates need student / teacher validation accuracy of at least this; null: no constraint."""
+    min_speedup: float | None = Field(None, gt=0.0)
+    """Candidates need a measured latency speed-up over the teacher of at least this (`speedup`); null: none."""
 
 
 class RegistryConfig(_Section):
@@ -721,10 +771,20 @@ class Config(_Section):
     """What evaluation measures."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Epoch checkpoints of the training steps, for resume."""
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    """ONNX export of the teacher and every candidate, with its parity check."""
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    """Optional INT8 post-training quantization of the candidates."""
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     """Registration and the champion."""
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     """Kubeflow placement (applied at compile and submit time)."""
+
+    @model_validator(mode="after")
+    def _quantize_needs_onnx(self) -> Config:
+        if self.quantize.enabled and not self.export.onnx:
+            raise ValueError("quantize.enabled needs export.onnx: the INT8 models are quantized ONNX models")
+        return self
 
     @model_validator(mode="after")
     def _students_match_pruning(self) -> Config:

@@ -7,7 +7,6 @@ then the median of repeated timed runs, so one slow run (a page fault, a schedul
 from __future__ import annotations
 
 import math
-import statistics
 import time
 
 import numpy as np
@@ -79,41 +78,76 @@ def flops(model: nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def cpu_latency_ms(
-    model: nn.Module, example: torch.Tensor, batch_size: int, warmup: int, repeats: int, threads: int = 1
-) -> float:
-    """Median wall time in milliseconds of one forward pass at `batch_size` on the CPU with `threads` intra-op
-    threads. A fixed thread count keeps numbers comparable between runs and unaffected by other processes'
-    threads (local pipeline steps run side by side)."""
-    model = model.to("cpu").eval()
-    x = example[:1].to("cpu").expand(batch_size, *example.shape[1:]).contiguous()
+def timed(fn, warmup: int, repeats: int) -> tuple[float, float]:
+    """(median, interquartile range) in milliseconds of `repeats` timed calls of `fn` after `warmup` untimed
+    ones; the median so that one slow run (a page fault, a scheduler hiccup) does not count."""
+    for _ in range(warmup):
+        fn()
     times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q1, median, q3 = np.percentile(times, [25, 50, 75])
+    return float(median), float(q3 - q1)
+
+
+def latency_ms(
+    model: nn.Module,
+    example: torch.Tensor,
+    batch_size: int,
+    warmup: int,
+    repeats: int,
+    threads: int = 1,
+    device: str = "cpu",
+) -> tuple[float, float]:
+    """(median, IQR) wall time in milliseconds of one PyTorch eager forward pass at `batch_size` on `device`
+    with `threads` intra-op threads (on CUDA each pass is synchronised). A fixed thread count keeps numbers
+    comparable between runs and unaffected by other processes' threads (local pipeline steps run side by
+    side)."""
+    model = model.to(device).eval()
+    x = example[:1].to(device).expand(batch_size, *example.shape[1:]).contiguous()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def forward():
+        model(x)
+        sync()
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            for i in range(warmup + repeats):
-                t0 = time.perf_counter()
-                model(x)
-                if i >= warmup:
-                    times.append((time.perf_counter() - t0) * 1e3)
+            return timed(forward, warmup, repeats)
     finally:
         torch.set_num_threads(previous)
-    return statistics.median(times)
+        model.to("cpu")
+
+
+def cpu_latency_ms(
+    model: nn.Module, example: torch.Tensor, batch_size: int, warmup: int, repeats: int, threads: int = 1
+) -> float:
+    """Median wall time in milliseconds of one forward pass at `batch_size` on the CPU (`latency_ms`)."""
+    return latency_ms(model, example, batch_size, warmup, repeats, threads)[0]
 
 
 def profile(model: nn.Module, example: torch.Tensor, size_bytes: int, cfg: EvalConfig) -> dict:
-    """Size and speed of a model on the CPU: params, serialized bytes, FLOPs/MACs per image, and latency at each
-    of `cfg.latency_batch_sizes` (ms, median of the timed runs). `example` is a normalised input batch."""
+    """Size and speed of a model in PyTorch eager: params, serialized bytes, FLOPs/MACs per image, and latency at
+    each of `cfg.latency_batch_sizes` (ms: `latency_ms_b<b>` the median of the timed runs on the CPU,
+    `latency_iqr_ms_b<b>` their interquartile range; `cuda_latency_ms_b<b>` too where CUDA is available).
+    `example` is a normalised input batch."""
     model = model.cpu().eval()
     example = example.cpu()
     out = {"params": count_params(model), "size_bytes": size_bytes}
     out["flops"] = flops(model, example)
     out["macs"] = out["flops"] // 2
-    for b in cfg.latency_batch_sizes:
-        out[f"latency_ms_b{b}"] = cpu_latency_ms(
-            model, example, b, cfg.latency_warmup, cfg.latency_repeats, cfg.latency_threads
-        )
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        key = "" if device == "cpu" else f"{device}_"
+        for b in cfg.latency_batch_sizes:
+            median, iqr = latency_ms(
+                model, example, b, cfg.latency_warmup, cfg.latency_repeats, cfg.latency_threads, device
+            )
+            out[f"{key}latency_ms_b{b}"], out[f"{key}latency_iqr_ms_b{b}"] = median, iqr
     return out
 
 

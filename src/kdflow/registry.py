@@ -2,7 +2,8 @@
 
 Policy (stated, configurable): among candidates that satisfy every constraint — compression ≥
 `min_compression` (teacher params / student params), params ≤ `max_params`, batch-1 CPU latency ≤
-`max_latency_ms`, val accuracy ≥ `min_teacher_retention` × the teacher's — pick the best `metric` on the
+`max_latency_ms`, val accuracy ≥ `min_teacher_retention` × the teacher's, measured speed-up over the teacher ≥
+`min_speedup` — pick the best `metric` on the
 validation split (ties: lower val loss, then fewer parameters, then name). Test data plays no part in that choice.
 
 Gate: the selected candidate takes the alias only if its test metric beats the current champion's on the same
@@ -21,6 +22,10 @@ from kdflow.stats import Gain
 from kdflow.tracking import current_user
 
 TEST_HASH_TAG = "kdflow.test_data_hash"
+ONNX_URI_TAG = "kdflow.onnx_model_uri"  # on a version: its ONNX model (`models:/<id>`), for `mlflow models serve`
+QUANTIZED_FROM_TAG = "kdflow.quantized_from"  # on an INT8 candidate: the FP32 candidate it was quantized from
+FP32_VERSION_TAG = "kdflow.fp32_version"  # on an INT8 version: the version of that FP32 candidate
+CALIBRATION_HASH_TAG = "kdflow.calibration_hash"  # on an INT8 candidate: SHA-256 of its calibration images
 
 
 @dataclass
@@ -69,6 +74,8 @@ def violations(c: Candidate, policy: PolicyConfig, teacher: dict[str, float]) ->
         retention = m["val_top1"] / teacher["val_top1"] if teacher["val_top1"] > 0 else math.inf
         if retention < policy.min_teacher_retention:
             out.append(f"teacher retention {retention:.3f} < {policy.min_teacher_retention}")
+    if policy.min_speedup is not None and m.get("speedup", 0.0) < policy.min_speedup:
+        out.append(f"measured speed-up {m.get('speedup', 0.0):.2f}x < {policy.min_speedup}x")
     return out
 
 
@@ -376,6 +383,8 @@ def _register(
     versions = partial.versions
     for c in candidates:  # one call per version: each version appears whole (files, run link, tags) or not at all
         tags = {**c.tags, **lineage, TEST_HASH_TAG: test_hash, **_metric_tags(c.metrics, cfg)}
+        if c.tags.get(QUANTIZED_FROM_TAG) in versions:  # an INT8 model: the FP32 version it came from (listed first)
+            tags[FP32_VERSION_TAG] = str(versions[c.tags[QUANTIZED_FROM_TAG]])
         mv = mlflow.register_model(c.model_uri, cfg.model_name, tags=tags)
         versions[c.name] = int(mv.version)
 

@@ -540,6 +540,53 @@ def log_model(model, example, name: str = "model") -> str:
     return info.model_uri
 
 
+def log_onnx_model(path, example, classes: list[str], name: str = "onnx") -> str:
+    """Log the ONNX file at `path` with MLflow's `onnx` flavor into the active run, with the same signature as
+    the pt2 model (float32 (N, C, H, W) pixels in, (N, classes) logits out) and the class names in the model's
+    metadata (`classes`, in logit order); served on the CPU provider. Returns its `models:/<id>` URI."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    import onnxruntime
+    from mlflow.models import infer_signature
+
+    model = onnx.load(str(path))
+    example = example.to("cpu").float().numpy()
+    sess = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: example})[0]
+    info = mlflow.onnx.log_model(
+        model,
+        name=name,
+        signature=infer_signature(example, out),
+        input_example=example,
+        metadata={"classes": list(classes)},
+        onnx_execution_providers=["CPUExecutionProvider"],
+        save_as_external_data=False,  # one self-contained .onnx file
+        pip_requirements=[
+            f"onnx=={onnx.__version__}",
+            f"onnxruntime=={onnxruntime.__version__}",
+            f"mlflow=={mlflow.__version__}",
+        ],
+    )
+    return info.model_uri
+
+
+def load_logits_fn(model_uri: str):
+    """A logged model (`models:/...`, either flavor kdflow logs: pt2 or ONNX) as a function of a float tensor of
+    raw pixels (N, C, H, W) to its logits (N, K), for scoring a registered model whatever runtime it ships in."""
+    import mlflow.pyfunc
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import get_model_info
+
+    flavors = get_model_info(model_uri).flavors
+    if "pytorch" in flavors:
+        model = mlflow.pytorch.load_model(model_uri)
+        return lambda x: model(x)
+    served = mlflow.pyfunc.load_model(model_uri)
+    return lambda x: torch.from_numpy(next(iter(served.predict(x.numpy()).values())))
+
+
 def _chunks(items: list, n: int) -> Iterator[list]:
     for i in range(0, len(items), n):
         yield items[i : i + n]

@@ -143,16 +143,20 @@ def _warm_up() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401  (evaluate's confusion figure)
     import mlflow
+    import mlflow.onnx  # noqa: F401  (and onnx, onnxscript: the ONNX export; not onnxruntime, which starts a thread)
     import mlflow.pyfunc  # noqa: F401  (this and torch's export/serde modules: what a first pt2 log loads)
     import mlflow.pytorch  # noqa: F401
     import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import onnx  # noqa: F401
+    import onnxscript  # noqa: F401
     import sklearn.datasets  # noqa: F401
     import torch._dynamo  # noqa: F401  (imported by every optimizer and the FLOP counter)
     import torch._export.serde.serialize  # noqa: F401
     import torch._functorch.aot_autograd  # noqa: F401
     import torch.export  # noqa: F401
     import torch.export._trace  # noqa: F401  (what export() itself loads on first use)
+    import torch.onnx._internal.exporter._core  # noqa: F401  (the dynamo exporter)
     import torch_pruning  # noqa: F401
 
     import kdflow.models.pruning  # noqa: F401

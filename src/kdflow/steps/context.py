@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdflow import evaluate, tracking
+from kdflow import data, deploy, evaluate, tracking
 from kdflow.config import Config, config_from_json
 from kdflow.data import ImageSet, Normalizer, load_imageset, load_split
 from kdflow.data.dataset import SPLITS
@@ -99,6 +99,36 @@ def profile(model: nn.Module, normalizer: Normalizer, data_dir: str, cfg: Config
         x, _ = load_split(data_dir, "target", "train")
         example = normalizer(x[:8]).cpu()
         return evaluate.profile(model, example, checkpoint.file_size(ckpt_dir), cfg.evaluate)
+
+
+ONNX_FILE = "model.onnx"  # the teacher step's ONNX export, beside its checkpoint: each evaluate step times it
+
+
+def export_onnx(name: str, model: nn.Module, norm: Normalizer, data_dir: str, cfg: Config, path: str | Path) -> dict:
+    """`model` behind its normaliser exported to ONNX at `path` (`kdflow.deploy`), checked against PyTorch on
+    the target test split (a mismatch beyond `export.parity_atol` fails, naming `name`), with the class names in
+    its metadata; returns its parity and ONNX Runtime metrics (`deploy.ort_profile`)."""
+    served = ServingModel(norm, model).cpu().eval()
+    manifest = data.read_manifest(data_dir)
+    test_x, _ = load_split(data_dir, "target", "test")
+    with timing.compute():
+        deploy.export_onnx(served, test_x[:4].float(), path, cfg.export.opset)
+        deploy.set_classes(path, manifest["tasks"]["target"]["classes"])
+        sess = deploy.session(path, cfg.evaluate.latency_threads)
+        p = deploy.parity(evaluate.predict(served, test_x, nn.Identity()), deploy.run(sess, test_x))
+        deploy.check_parity(name, p, cfg.export.parity_atol, len(test_x))
+        e = cfg.evaluate
+        ort = deploy.ort_profile(path, test_x[:8], e.latency_batch_sizes, e.latency_warmup, e.latency_repeats,
+                                 e.latency_threads)  # fmt: skip
+    return {**p.metrics(), **ort}
+
+
+def log_onnx(path: str | Path, data_dir: str) -> str:
+    """Log the ONNX file at `path` into the active run next to its pt2 model (same signature, the class names in
+    its metadata); returns its `models:/` URI."""
+    x, _ = load_split(data_dir, "target", "val")
+    classes = data.read_manifest(data_dir)["tasks"]["target"]["classes"]
+    return tracking.log_onnx_model(path, x[:4].float(), classes)
 
 
 def pruned_dir(root: str | Path, ratio: float) -> Path:

@@ -58,8 +58,9 @@ def register(
                 rescore,
                 teacher_uri=teacher_info["model_uri"],
                 val_images=val_images,
-                paired=pairing(test, logits_of, {s.name: s.correct[0] for s in scored}),  # the registered seed
+                paired=pairing(test, logits_of, _registered_correct(report_paths)),
             )
+            _tag_teacher_onnx(cfg, decision, teacher_info)
             summary = {
                 "decision": asdict(decision),
                 "evidence": ev.summary(),
@@ -69,6 +70,7 @@ def register(
                 },
                 "model_name": cfg.registry.model_name,
                 "policy": cfg.registry.policy.model_dump(),
+                "speedup": _speedup_note(cfg),
             }
             tracking.log_dict(summary, "decision.json")
             tracking.set_tags(
@@ -127,6 +129,27 @@ def _champion_metrics(cfg, summary: dict) -> dict[str, float]:
     return out
 
 
+def _tag_teacher_onnx(cfg: Config, decision: registry.Decision, teacher_info: dict) -> None:
+    """The teacher's version names its ONNX model, as the candidates' versions do."""
+    if teacher_info.get("onnx_model_uri") and decision.teacher_version is not None:
+        tracking.client().set_model_version_tag(
+            cfg.registry.teacher_model_name,
+            str(decision.teacher_version),
+            registry.ONNX_URI_TAG,
+            teacher_info["onnx_model_uri"],
+        )
+
+
+def _speedup_note(cfg: Config) -> dict:
+    """How the candidates' `speedup` was measured (`steps.evaluate.speedup`), for the summary and its table."""
+    return {
+        "runtime": "onnxruntime" if cfg.export.onnx else "pytorch",
+        "batch": cfg.evaluate.speedup_at,
+        "threads": cfg.evaluate.latency_threads,
+        "min_share": cfg.evaluate.min_speedup_share,
+    }
+
+
 def _chose(c: registry.Candidate) -> dict:
     """A search candidate's choice, for the summary (empty for a fixed candidate)."""
     if evidence.SEARCH_TAG not in c.tags:
@@ -137,28 +160,45 @@ def _chose(c: registry.Candidate) -> dict:
 def _candidates(
     student_dirs: list[str], report_paths: list[str]
 ) -> tuple[list[registry.Candidate], list[evidence.Scored]]:
-    """Every candidate the distill steps trained, with the metrics its evaluation reported, and as the evidence
-    sees it (its student, objective kind and per-image test correctness)."""
+    """Every candidate the distill steps trained, with the metrics its evaluation reported, then every INT8
+    candidate the evaluate steps quantized (after the FP32 ones: their versions name the FP32 version); and the
+    FP32 candidates as the evidence sees them (student, objective kind, per-image test correctness)."""
     reports = {r["name"]: r for p in report_paths for r in json.loads(Path(p).read_text())}
     out, scored = [], []
     for d in (c for group in student_dirs for c in candidate_dirs(group)):
         info = read_info(d)
         if info["name"] not in reports:
             raise ValueError(f"candidate {info['name']!r} has no evaluation report")
-        report, tags = reports[info["name"]], info["tags"]
+        report, tags = reports[info["name"]], dict(info["tags"])
         metrics = dict(report["metrics"])
-        out.append(registry.Candidate(info["name"], metrics, info["run_id"], info["model_uri"], dict(tags)))
-        if "test_correct" not in report:  # checked before anything is written
-            raise ValueError(
-                f"candidate {info['name']!r}: its evaluation report has no per-image test results (test_correct); "
-                "run its evaluate step again"
-            )
+        if report.get("onnx_model_uri"):
+            tags[registry.ONNX_URI_TAG] = report["onnx_model_uri"]
+        out.append(registry.Candidate(info["name"], metrics, info["run_id"], info["model_uri"], tags))
+        _check_per_image(info["name"], report)
         correct = np.asarray(report.get("test_correct_seeds", [report["test_correct"]]), dtype=bool)  # (S, N)
         init = tags.get(evidence.INIT_TAG, "pruned")
         student, kind = tags[evidence.STUDENT_TAG], tags[evidence.LOSS_TAG]
         searched = evidence.SEARCH_TAG in tags
         scored.append(evidence.Scored(info["name"], student, kind, metrics, correct, init, searched))
+    for r in (r for r in reports.values() if r.get("quantized_from")):  # a copy of a candidate: no evidence of its own
+        _check_per_image(r["name"], r)
+        tags = {**r["tags"], registry.ONNX_URI_TAG: r["model_uri"]}
+        out.append(registry.Candidate(r["name"], dict(r["metrics"]), r["run_id"], r["model_uri"], tags))
     return out, scored
+
+
+def _check_per_image(name: str, report: dict) -> None:
+    if "test_correct" not in report:  # checked before anything is written
+        raise ValueError(
+            f"candidate {name!r}: its evaluation report has no per-image test results (test_correct); "
+            "run its evaluate step again"
+        )
+
+
+def _registered_correct(report_paths: list[str]) -> dict[str, np.ndarray]:
+    """Each candidate's per-image test correctness, of the model that is registered (a candidate's first seed)."""
+    reports = (r for p in report_paths for r in json.loads(Path(p).read_text()))
+    return {r["name"]: np.asarray(r["test_correct"], dtype=bool) for r in reports}
 
 
 def pairing(
@@ -175,7 +215,7 @@ def pairing(
 def _logits(cfg: Config, manifest: dict, test: ImageSet, model_uri: str) -> torch.Tensor:
     """A registered model's logits on the test split; a clear error when it cannot score this task."""
     num_classes = manifest["tasks"]["target"]["num_classes"]
-    served = tracking.load_pytorch_model(model_uri)
+    served = tracking.load_logits_fn(model_uri)  # a pt2 model, or an INT8 champion's ONNX model
     with torch.no_grad():
         try:
             logits = torch.cat([served(test.x[i : i + 256].float()) for i in range(0, len(test), 256)])

@@ -32,7 +32,18 @@ from kdflow.evaluate import accuracy, predict
 from kdflow.models import checkpoint, zoo
 from kdflow.runtime import cpus, timing
 from kdflow.steps import teacher_ddp
-from kdflow.steps.context import StepContext, load_weights, log_servable, profile, read_info, splits, write_info
+from kdflow.steps.context import (
+    ONNX_FILE,
+    StepContext,
+    export_onnx,
+    load_weights,
+    log_onnx,
+    log_servable,
+    profile,
+    read_info,
+    splits,
+    write_info,
+)
 
 TEACHER_OUTPUTS_FILE = "teacher_outputs.pt"
 TORCHVISION_WEIGHTS = ("resnet18", "mobilenet_v3_small")  # architectures whose `pretrained` names torchvision weights
@@ -146,6 +157,8 @@ def _finish(
             "test_top1": accuracy(predict(net, tgt["test"].x, norm), tgt["test"].y),
             **profile(net, norm, data_dir, cfg, out_dir),
         }
+    if cfg.export.onnx:  # the ONNX model, checked and timed in ONNX Runtime; evaluate times it beside each candidate
+        metrics.update(export_onnx("the teacher", net, norm, data_dir, cfg, Path(out_dir) / ONNX_FILE))
     tracking.log_metrics(metrics)
     for phase, result, key in (("pretraining", pre, "pretrain"), ("fine-tuning", fine, "finetune")):
         if result.still_improving:  # said in the run log, the console and on the run
@@ -157,10 +170,12 @@ def _finish(
             )
     tracking.set_tags({"kdflow.teacher_still_improving": str(pre.still_improving or fine.still_improving).lower()})
     model_uri = log_servable(net, norm, data_dir)
+    onnx_uri = log_onnx(Path(out_dir) / ONNX_FILE, data_dir) if cfg.export.onnx else None
     save_teacher_outputs(cfg, net, norm, data_dir, manifest, out_dir)
     info = {
         "run_id": run_id,
         "model_uri": model_uri,
+        "onnx_model_uri": onnx_uri,
         "metrics": metrics,
         "finetune_best_epoch": fine.best_epoch,
         "data_hash": manifest["content_hash"],
