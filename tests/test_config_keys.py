@@ -95,7 +95,7 @@ def test_bad_override_paths_fail_naming_them(key, message):
         ({"registry.policy.max_param": 3}, "registry.policy.max_param: unknown key; did you mean "
          "registry.policy.max_params?"),
         ({"registry.policy.xyz": 3}, "registry.policy.xyz: unknown key; registry.policy has: metric, "
-         "min_compression, max_params, max_latency_ms, min_teacher_retention"),
+         "min_compression, max_params, max_latency_ms, min_teacher_retention, min_speedup"),
     ],
 )  # fmt: skip
 def test_unknown_keys_get_a_suggestion_at_every_level(overrides, line):

@@ -139,8 +139,12 @@ def test_local_pipeline_promotes_then_keeps_then_moves_champion(tmp_path):
 
 
 def test_bad_data_source_fails_cleanly(tmp_path):
-    """A step that fails: non-zero exit, the bad value named, the parent run FAILED, nothing registered."""
-    missing = tmp_path / "no-such-mnist"
+    """A step that fails: non-zero exit, the bad file named, the parent run FAILED, nothing registered. (A folder
+    that is missing fails before the pipeline starts; files that are there but unreadable fail in data prep.)"""
+    missing = tmp_path / "broken-mnist"
+    missing.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (missing / name).write_bytes(b"not an IDX file")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run(
         [
@@ -159,7 +163,7 @@ def test_bad_data_source_fails_cleanly(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 1
-    assert "pipeline failed" in proc.stdout and f"mnist-idx directory not found: {missing}" in proc.stdout
+    assert "pipeline failed" in proc.stdout and str(missing / "train-images-idx3-ubyte") in proc.stdout
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     client = MlflowClient()
     assert client.search_registered_models() == []

@@ -27,7 +27,7 @@ LONGER = {
     "distill.train": {"epochs": 12, "epoch_over": "target"},
     "checkpoint": {"every_s": 0, "max_share": 1e9},
 }
-TIMING = re.compile(r"latency|_ms|_s$|seconds|size_mb")  # measured speeds differ run to run; the rest may not
+TIMING = re.compile(r"latency|speedup|_ms|_s$|seconds|size_mb")  # measured speeds differ run to run; the rest may not
 
 
 def _argv(home: Path, *extra: str) -> list[str]:

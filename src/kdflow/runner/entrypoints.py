@@ -63,7 +63,10 @@ def _reusable(step: str, output: str):
                     print(f"{PROGRESS_PREFIX} {step}: reused the output of the interrupted run it resumes", flush=True)
                     return record["result"]
             result = fn(**kwargs)
-            out.with_name(out.name + DONE_SUFFIX).write_text(json.dumps({"args": args, "result": result}))
+            try:
+                out.with_name(out.name + DONE_SUFFIX).write_text(json.dumps({"args": args, "result": result}))
+            except OSError as err:  # a pod's artifact mount may refuse it: only a local resume reads it
+                print(f"{PROGRESS_PREFIX} {step}: could not record its result for a resume ({err})", flush=True)
             return result
 
         return run

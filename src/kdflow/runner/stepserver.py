@@ -81,7 +81,6 @@ class StepServer:
             self.proc.wait()
         if reason is None:
             shutil.rmtree(self.sock_dir, ignore_errors=True)
-        self.proc = None
 
 
 def _connect(path: str, timeout_s: float = 300.0) -> socket.socket:
