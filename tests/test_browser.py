@@ -16,7 +16,11 @@ from kdflow.config import load_config
 from tests.helpers.config import tiny_overrides
 from tests.helpers.paths import REPO
 
-pytestmark = pytest.mark.slow
+# a pipeline run and a browser: over a minute, so the test suite runs it only when asked (the README's command)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.environ.get("KDFLOW_BROWSER_CHECK"), reason="set KDFLOW_BROWSER_CHECK=1 to run it"),
+]
 
 
 def _browser_check():

@@ -276,7 +276,7 @@ def test_teacher_step_trains_in_two_torchrun_workers(tmp_path):
     info = context.read_info(out_dir)
     assert info["processes"] == 2 and info["metrics"] == metrics
     files = sorted(p.name for p in out_dir.iterdir())
-    assert files == ["info.json", "model.onnx", "model.pt", "spec.json", teacher_step.TEACHER_OUTPUTS_FILE]
+    assert files == ["info.json", "model.pt", "spec.json", teacher_step.TEACHER_OUTPUTS_FILE]
     net, _ = checkpoint.load(out_dir)
     norm = Normalizer.from_manifest(data.read_manifest(data_dir))
     # the logits every distill step reuses belong to exactly the saved teacher and data

@@ -254,39 +254,3 @@ def test_setup_lines_no_run_log_took_are_not_lost(mlflow_stream):
         logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
     assert "Creating initial MLflow database tables..." in fallback.getvalue()
     assert progress.HELD.take() == ""
-
-
-@pytest.mark.slow
-def test_a_real_run_shows_its_log_steps_and_epochs_with_eta(tmp_path):
-    """`kdflow run` on the tiny config, its stdout a pipe: plain lines, step k/n of the 7 tasks, epoch lines with
-    ETA, the run log's path first; MLflow's store set-up only in the log."""
-    import os
-    import subprocess
-    import sys
-
-    import yaml
-
-    from kdflow.config import load_config
-    from tests.helpers.config import tiny_overrides
-
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(load_config(None, tiny_overrides()).model_dump(mode="json")))
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "kdflow.cli", "run", "-c", str(path), "--home", str(tmp_path / "home")],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    lines = proc.stdout.splitlines()
-    logs = sorted((tmp_path / "home" / "logs").glob("run-*.log"))
-    assert len(logs) == 1 and f"run log: {logs[0]}" in lines[:4]  # after the run's header (which may wrap)
-    assert lines.index(f"{progress.SETTING_UP} …") == lines.index(f"run log: {logs[0]}") - 1
-    steps = [line.split("] ", 1)[1] for line in lines if "] step " in line]
-    assert steps[0] == "step 1/7 data-prep started" and steps[-1].endswith("(7/7 done)")
-    assert len([s for s in steps if s.endswith(" started")]) == 7
-    epochs = [line for line in lines if " epoch " in line and "ETA" in line]
-    assert any("teacher pretrain epoch 3/3 " in line and line.endswith("ETA 0:00:00)") for line in epochs), lines
-    assert any("distill pruned60-kd epoch 2/2 " in line for line in epochs), lines
-    assert "database tables" not in proc.stdout + proc.stderr
-    log = logs[0].read_text()
-    assert "Creating initial MLflow database tables" in log and PROGRESS_EVENT in log

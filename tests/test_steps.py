@@ -28,7 +28,13 @@ from kdflow.steps.finalize import finalize
 from kdflow.steps.prune import prune_teacher
 from kdflow.steps.register import register
 from kdflow.steps.teacher import train_teacher
-from tests.helpers.config import tiny_overrides
+from tests.helpers.config import tiny_overrides as _tiny_overrides
+
+
+def tiny_overrides(**extra) -> dict:
+    """The tiny config, with the ONNX export on: these tests cover it (and the INT8 candidates built on it)."""
+    return _tiny_overrides(**{"export.onnx": True, **extra})
+
 
 HEADLINE = registry.HEADLINE_METRICS
 NAMES = ["pruned60-kd", "pruned60-ce"]  # the tiny config's grid, students first

@@ -17,5 +17,6 @@ def tiny_overrides(**extra) -> dict:
         "distill.train": {"epochs": 2, "epoch_over": "target"},
         "evaluate.latency_repeats": 3,
         "registry.settle_seconds": 0.0,  # one writer at a time: a read after the write is enough
+        "export.onnx": False,  # seconds a model; the export's own tests (tests/test_steps.py) turn it on
         **extra,
     }
