@@ -226,14 +226,7 @@ def _print_summary(summary: dict) -> None:
             f"{int(c['params']):,}", _macs(c["macs"]), f"{c['latency_ms_b1']:.3f}", *_speed_cells(c, speed_cols),
             f"{c['teacher_agreement']:.2%}", f"v{c['version']}", mark,
         )  # fmt: skip
-    # a terminal shows what fits its width; a log or a pipe gets the whole table, however many evidence columns
-    width = console.width
-    if not console.is_terminal:
-        console.width = max(width, table_width(table))
-    try:
-        console.print(table)
-    finally:
-        console.width = width
+    _print_table(table)
     if gains:
         console.print(
             "vs ce: test top-1 points over the same student trained with plain cross-entropy in this run, "
@@ -520,6 +513,7 @@ def _print_versions(model: str, versions) -> None:
 
 
 def _print_table(table: Table) -> None:
+    """A terminal shows what fits its width; a log or a pipe gets the whole table, however many columns."""
     width = console.width
     if not console.is_terminal:
         console.width = max(width, table_width(table))
