@@ -138,31 +138,33 @@ def test_local_pipeline_promotes_then_keeps_then_moves_champion(tmp_path):
     assert new_score > champ_score
 
 
-def test_bad_data_source_fails_cleanly(tmp_path):
-    """A step that fails: non-zero exit, the bad file named, the parent run FAILED, nothing registered. (A folder
-    that is missing fails before the pipeline starts; files that are there but unreadable fail in data prep.)"""
+# the pipeline without `kdflow run`'s data check, which would refuse this data before the pipeline starts
+RUN_PIPELINE = """
+import sys
+from pathlib import Path
+from kdflow.config import load_config
+from kdflow.pipelines.local import PipelineFailed, run_local
+try:
+    run_local(load_config(None, {"data": {"source": sys.argv[1]}}), Path(sys.argv[2]))
+except PipelineFailed as err:
+    print("pipeline failed:", err)
+    sys.exit(1)
+"""
+
+
+def test_a_failing_step_fails_the_pipeline_cleanly(tmp_path):
+    """A step that fails (data prep, on files it cannot read): non-zero exit, the bad file named, the parent run
+    FAILED, nothing registered. (`kdflow run` finds such files before the pipeline starts: `test_fail_fast`.)"""
     missing = tmp_path / "broken-mnist"
     missing.mkdir()
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
         (missing / name).write_bytes(b"not an IDX file")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kdflow.cli",
-            "run",
-            "--home",
-            str(tmp_path / "home"),
-            "--set",
-            f"data.source=mnist-idx:{missing}",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 1
+        [sys.executable, "-c", RUN_PIPELINE, f"mnist-idx:{missing}", str(tmp_path / "home")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "pipeline failed" in proc.stdout and str(missing / "train-images-idx3-ubyte") in proc.stdout
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     client = MlflowClient()

@@ -3,14 +3,17 @@ non-zero exit, and nothing written: no home, no store, no run. Credentials in a 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kdflow import tracking
@@ -91,6 +94,94 @@ def test_bad_input_fails_in_seconds_naming_it_and_writes_nothing(tmp_path, args,
     assert "Traceback" not in out and SECRET not in out
     assert took < 30  # the interpreter and imports; no training, no store
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no kdflow-home, no mlflow.db
+
+
+def _idx(path: Path, arr: np.ndarray, *, gz: bool = True) -> None:
+    raw = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(raw)
+    else:
+        path.write_bytes(raw)
+
+
+def _mnist(tmp: Path, labels: list[int], images: int | None = None) -> Path:
+    """A small MNIST-format folder: random 28x28 images (`images` of them, default one per label) and labels."""
+    d = tmp / "mnist"
+    d.mkdir()
+    n = images if images is not None else len(labels)
+    _idx(d / "t10k-images-idx3-ubyte.gz", np.random.default_rng(0).integers(0, 256, (n, 28, 28)))
+    _idx(d / "t10k-labels-idx1-ubyte.gz", np.array(labels))
+    return d
+
+
+def _tree(tmp: Path, classes: dict[str, int]) -> Path:
+    """An image folder with `classes[name]` 8x8 PNGs per class folder."""
+    from PIL import Image
+
+    d = tmp / "tree"
+    for name, k in classes.items():
+        (d / name).mkdir(parents=True)
+        for i in range(k):
+            Image.fromarray(np.full((8, 8), 40 * i % 256, np.uint8)).save(d / name / f"{i}.png")
+    return d
+
+
+def _cut(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+LABELS = [i % 10 for i in range(200)]
+ON_TREE = ["--set", "data.source=digits", "--set", "data.setup=cross_dataset", "--set", "data.image_size=8",
+           "--set", "data.channels=1", "--set", "data.target=imagefolder:{tree}"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("make", "args", "message"),
+    [
+        (
+            lambda t: _mnist(t, [*LABELS[:-1], 42]), ["--set", "data.source=mnist-idx:{mnist}"],
+            "error: source task (mnist-idx:{mnist}): label 42 is out of range for its 10 classes (labels must be 0 "
+            "to 9)",
+        ),
+        (
+            lambda t: _cut(_mnist(t, LABELS) / "t10k-images-idx3-ubyte.gz"), ["--set", "data.source=mnist-idx:{mnist}"],
+            "error: {mnist}/t10k-images-idx3-ubyte.gz: unreadable (EOFError: Compressed file ended before the "
+            "end-of-stream marker was reached)",
+        ),
+        (
+            lambda t: _mnist(t, LABELS, images=150), ["--set", "data.source=mnist-idx:{mnist}"],
+            "error: {mnist}/t10k-images-idx3-ubyte.gz has 150 images but {mnist}/t10k-labels-idx1-ubyte.gz has 200 "
+            "labels",
+        ),
+        (
+            lambda t: _tree(t, {"cat": 6}), ON_TREE,
+            "error: target task (imagefolder:{tree}): only one class ('cat') has images; classification needs at "
+            "least 2",
+        ),
+        (
+            lambda t: None,
+            ["--set", "data.setup=class_split", "--set", "data.source_classes=[0,1,2,3,4]",
+             "--set", "data.target_classes=[5,42]"],
+            "error: class indices [42] out of range for a dataset with 10 classes",
+        ),
+    ],
+    ids=["label-42", "gzip-cut", "count-mismatch", "one-class", "class-index"],
+)  # fmt: skip
+def test_bad_data_fails_before_the_pipeline_naming_it(tmp_path, make, args, message):
+    """What data prep would find wrong is found before the pipeline starts (`kdflow.data.check`): one line,
+    exit 2, no traceback, no home or store written."""
+    make(tmp_path)
+    fill = {"mnist": str(tmp_path / "mnist"), "tree": str(tmp_path / "tree")}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc, took = _kdflow("--home", str(tmp_path / "home"), *[a.format(**fill) for a in args], cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert message.format(**fill) in " ".join(out.split()), out
+    assert "Traceback" not in out and "pipeline failed" not in out, out
+    assert took < 60  # the interpreter, torch and reading the data; no pipeline
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no kdflow-home, no mlflow.db
 
 
 def test_credentials_in_the_tracking_uri_move_to_the_environment(monkeypatch):

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from kdflow import tracking
 from kdflow.config import Config, ConfigError, load_config, local_source_problem
+from kdflow.errors import DataError
 
 app = typer.Typer(no_args_is_help=True, help=__doc__)  # with --install-completion / --show-completion
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -119,9 +120,16 @@ def run(
         f"{' → ' + cfg.data.target if cfg.data.target else ''}, {n} candidates; MLflow at {uri}"
     )
     try:
+        if not resume:  # bad data fails here, in seconds, not in data prep (a resumed run reuses its data)
+            with console.status("checking the data …"):
+                from kdflow import data  # torch: imported once the config and store are known good
+
+                data.check(cfg.data, cfg.seed)
         # the store's set-up lines go to the run log, not the console, which shows what happens until the log opens
         with mlflow_logs_to_run_log(), setting_up(console):
             summary = run_local(cfg, home, uri, verbose, resume)
+    except DataError as err:
+        raise _fail(err) from None
     except ResumeError as err:
         raise _fail(err) from None
     except PipelineFailed as err:

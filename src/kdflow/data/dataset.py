@@ -29,20 +29,10 @@ def tensor_hash(*tensors: torch.Tensor) -> str:
 
 def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
     """Build both tasks, split them, write `<task>_<split>.pt` files and `manifest.json`; return the manifest."""
+    origins: dict[str, dict] = {}  # s3:// lineage of the very copies read (another run may refresh the cache)
+    (source, target), splits = build_checked(cfg, seed, origins)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    origins: dict[str, dict] = {}  # s3:// lineage of the very copies read (another run may refresh the cache)
-    source, target = build_tasks(cfg, seed, origins)
-    for task, ds in (("source", source), ("target", target)):
-        check_labels(
-            ds, f"{task} task ({cfg.source if task == 'source' or cfg.setup != 'cross_dataset' else cfg.target})"
-        )
-    splits = {"source": split_task(source, cfg, "source", seed), "target": split_task(target, cfg, "target", seed)}
-    for task, parts in splits.items():
-        present = len(torch.unique(parts["train"].y))
-        if present < 2:
-            raise DataError(f"{task} train split holds {present} class: training needs images of at least 2 classes")
-
     train_x = splits["source"]["train"].x.float() / 255.0  # normalisation the teacher first learns with
     mean = train_x.mean(dim=(0, 2, 3)).tolist()
     std = train_x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
@@ -69,6 +59,31 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
     manifest["target_test_hash"] = hashes[TASKS.index("target") * 3 + SPLITS.index("test")]
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def build_checked(
+    cfg: DataConfig, seed: int, origins: dict[str, dict] | None = None
+) -> tuple[tuple[ImageSet, ImageSet], dict[str, dict[str, ImageSet]]]:
+    """((source task, target task), their splits), every check data prep makes passed: each file readable,
+    labels in range, at least 2 classes per task and per training split, no split empty; else a DataError."""
+    source, target = build_tasks(cfg, seed, origins)
+    for task, ds in (("source", source), ("target", target)):
+        check_labels(
+            ds, f"{task} task ({cfg.source if task == 'source' or cfg.setup != 'cross_dataset' else cfg.target})"
+        )
+    splits = {"source": split_task(source, cfg, "source", seed), "target": split_task(target, cfg, "target", seed)}
+    for task, parts in splits.items():
+        present = len(torch.unique(parts["train"].y))
+        if present < 2:
+            raise DataError(f"{task} train split holds {present} class: training needs images of at least 2 classes")
+    return (source, target), splits
+
+
+def check(cfg: DataConfig, seed: int) -> None:
+    """Read both tasks and make data prep's checks without writing anything: `kdflow run` calls this before it
+    starts the pipeline, so bad data fails in seconds with one line, not in a pipeline step. s3:// and
+    torchvision sources are fetched into their cache under `data.root`, where data prep then finds them."""
+    build_checked(cfg, seed)
 
 
 # ------------------------------------------------------------------------------------------ reading it back
