@@ -195,6 +195,70 @@ def test_ddp_distillation_never_wraps_the_teacher(ranks, single):
     assert_close_states(weights, one_weights)
 
 
+class Killed(RuntimeError):
+    """Stands for a kill after an epoch: raised on every rank by the fit's `halt` callback."""
+
+
+def dropped(seed: int) -> nn.Module:
+    """`plain` with dropout before its head: each rank draws masks for its own share of a batch (1 or 2 images
+    in the last), so the ranks' RNG streams part ways and a resume must give each rank its own."""
+    net = plain(6, seed)
+    return nn.Sequential(*net[:-1], nn.Dropout(0.3), net[-1])
+
+
+def _resume_rank_main(rank: int, init_file: str, out_dir: str, kill_at: int) -> None:
+    """One spawned rank: a fit left alone, then the same fit killed after epoch `kill_at` (checkpoints after
+    every epoch, into one folder) and run again from its checkpoint; both results to a file."""
+    from kdflow.engine.loop import Student, fit_many
+    from kdflow.engine.resume import Checkpoints, DirStore
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+
+        def run(checkpoints=None, halt=None):
+            model = dropped(seed=0)
+            kw = dict(seed=0, device=CPU, checkpoints=checkpoints, halt=halt)
+            (result,) = fit_many([Student(model, LossConfig(name="ce", kind="ce"))], TRAIN, VAL, CE_CFG, NORM, **kw)
+            return state(model), result.history
+
+        def kill(epoch, _standing):
+            if epoch == kill_at:
+                raise Killed(epoch)
+            return set()
+
+        whole = run()
+        store = DirStore(Path(out_dir) / "ckpt")
+        try:
+            run(Checkpoints(store, "fit", every_s=0, max_share=float("inf")), kill)
+        except Killed:
+            pass
+        resumed = Checkpoints(store, "fit", every_s=0, max_share=float("inf"))
+        again = run(resumed)
+        files = sorted(p.name for p in (Path(out_dir) / "ckpt" / "fit").iterdir())
+        out = {"whole": whole, "again": again, "resumed_from": resumed.resumed_from, "files": files}
+        torch.save(out, Path(out_dir) / f"resume-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # 2 spawned ranks
+def test_a_ddp_fit_killed_mid_training_resumes_to_identical_weights(tmp_path, monkeypatch):
+    """Under 2-process DDP, rank 0 writes each checkpoint with every rank's RNG states and sends it to every
+    rank on resume: each rank continues its own random draws, and the result is bit-identical."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    args = (str(tmp_path / "init"), str(tmp_path), 2)
+    mp.start_processes(_resume_rank_main, args=args, nprocs=WORLD, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"resume-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r in ranks:
+        assert r["resumed_from"] == 1  # killed in epoch 2, before its checkpoint
+        assert r["files"] == ["latest.json", "slot-0.pt", "slot-1.pt"]  # rank 0 alone writes; no stray slot
+        assert r["again"][1] == r["whole"][1]
+        assert r["again"][0].keys() == r["whole"][0].keys()
+        assert all(torch.equal(r["again"][0][k], v) for k, v in r["whole"][0].items())
+    assert all(torch.equal(ranks[0]["again"][0][k], v) for k, v in ranks[1]["again"][0].items())
+
+
 def test_sync_batchnorm_swap_is_undone_with_the_trained_values():
     model = models.build("cnn", in_channels=1, num_classes=4, width=4)
     before = {name: type(m) for name, m in model.named_modules()}

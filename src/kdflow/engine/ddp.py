@@ -53,6 +53,15 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def gather_object(obj: Any) -> list[Any] | None:
+    """Every rank's `obj` (picklable), in rank order, on rank 0; None on the others. `[obj]` without a group."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Per-key sums over all ranks; every rank must pass the same keys."""
     keys = sorted(values)

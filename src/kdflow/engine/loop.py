@@ -195,15 +195,14 @@ class Job:
             self.spec.on_epoch(epoch, metrics)
 
     def state(self) -> dict:
-        """What the next epoch depends on (`kdflow.engine.resume`): weights, optimizer, schedule, scaler, RNG
-        stream, best state and early-stopping count."""
+        """What the next epoch depends on (`kdflow.engine.resume`): weights, optimizer, schedule, scaler, best
+        state and early-stopping count; its RNG stream is per rank (`rng_state`)."""
         return {
             "model": self.spec.model.state_dict(),
             "adapter": self.adapter.state_dict() if self.adapter is not None else None,
             "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": [self.rng.cpu, self.rng.cuda],
             "best_state": self.best_state,
             "best_key": list(self.best_key),
             "since_best": self.since_best,
@@ -211,8 +210,11 @@ class Job:
             "result": dataclasses.asdict(self.result),
         }
 
-    def load_state(self, state: dict) -> None:
-        """Continue from `state()` of an earlier process (a checkpoint)."""
+    def rng_state(self) -> list[torch.Tensor | None]:
+        return [self.rng.cpu, self.rng.cuda]
+
+    def load_state(self, state: dict, rng: list[torch.Tensor | None]) -> None:
+        """Continue from `state()` and `rng_state()` of an earlier process (a checkpoint)."""
         self.spec.model.load_state_dict(state["model"])
         if self.adapter is not None:
             self.adapter.load_state_dict(state["adapter"])
@@ -220,7 +222,7 @@ class Job:
         self.sched.load_state_dict(state["sched"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.rng.cpu, cuda = state["rng"]
+        self.rng.cpu, cuda = rng
         self.rng.cuda = cuda if self.rng.cuda is not None else None
         self.best_state, self.best_key = state["best_state"], tuple(state["best_key"])
         self.since_best, self.done = state["since_best"], state["done"]
@@ -363,7 +365,7 @@ def fit_many(
             standing = {i: job.best_key for i, job in enumerate(jobs) if not job.done}
             for i in halt(epoch, standing):
                 jobs[i].done = jobs[i].result.halted = True
-        if checkpoints is not None and epoch < cfg.epochs and checkpoints.due():
+        if checkpoints is not None and epoch < cfg.epochs and _due(checkpoints):
             _checkpoint(checkpoints, jobs, gen, epoch, run.device)
     if checkpoints is not None and checkpoints.resumed_from != cfg.epochs:
         _checkpoint(checkpoints, jobs, gen, cfg.epochs, run.device)  # the end: a finished fit is not trained again
@@ -373,29 +375,57 @@ def fit_many(
 
 
 def _resume(checkpoints: Checkpoints | None, jobs: list[Job], gen: torch.Generator, device: torch.device) -> int:
-    """Load the latest checkpoint into the jobs, the stream's generator and the global RNG; the epoch it ended."""
-    state = checkpoints.load() if checkpoints is not None else None
+    """Load the latest checkpoint into the jobs, the stream's generator and the global RNG; the epoch it ended.
+    Under DDP rank 0 reads it and sends it to every rank, which takes its own RNG states from it."""
+    if checkpoints is None:
+        return 0
+    state = checkpoints.load() if ddp.is_main() else None
+    if ddp.world_size() > 1:
+        state = ddp.broadcast_object(state)
     if state is None:
         return 0
     if len(state["jobs"]) != len(jobs):
         raise ValueError(f"checkpoint {checkpoints.key!r} holds {len(state['jobs'])} students, not {len(jobs)}")
-    for job, saved in zip(jobs, state["jobs"]):
-        job.load_state(saved)
+    mine = _rank_rng(state, ddp.rank(), ddp.world_size(), checkpoints.key)
+    for job, saved, rng in zip(jobs, state["jobs"], mine["jobs"]):
+        job.load_state(saved, rng)
     gen.set_state(state["gen"].to(gen.get_state().device))
-    set_global_rng_state(state["rng"], device)
+    set_global_rng_state(mine["global"], device)
+    checkpoints.resumed_from = int(state["epoch"])  # on every rank: all take part in the last checkpoint or none
     if ddp.is_main():
         print(f"[kdflow] {checkpoints.key}: resumed after epoch {state['epoch']} from its checkpoint", flush=True)
     return int(state["epoch"])
 
 
+def _rank_rng(state: dict, rank: int, world: int, key: str) -> dict:
+    """This rank's RNG states in a checkpoint: its global RNG and each student's stream. Ranks draw differently
+    (dropout over shares of unequal size), so each rank's are kept. A group of another size (a retried pod on a
+    node with fewer GPUs) continues with rank 0's: the same global batches, no longer the same random draws."""
+    ranks = state["ranks"]
+    if len(ranks) == world:
+        return ranks[rank]
+    if rank == 0:
+        print(f"[kdflow] {key}: written by {len(ranks)} processes, resumed by {world}: training continues, but its "
+              "random draws differ from an uninterrupted run's", flush=True)  # fmt: skip
+    return ranks[0]
+
+
+def _due(checkpoints: Checkpoints) -> bool:
+    """Whether a checkpoint is due now: rank 0's clock decides for every rank."""
+    due = checkpoints.due()
+    return ddp.broadcast_object(due) if ddp.world_size() > 1 else due
+
+
 def _checkpoint(checkpoints: Checkpoints, jobs: list[Job], gen: torch.Generator, epoch: int, device) -> None:
-    """Write the state after `epoch` (rank 0); the loggers flush first, so MLflow holds every epoch it covers."""
+    """Write the state after `epoch`: every rank's RNG states gathered to rank 0, which writes; the loggers flush
+    first, so MLflow holds every epoch it covers."""
+    ranks = ddp.gather_object({"global": global_rng_state(device), "jobs": [j.rng_state() for j in jobs]})
     if not ddp.is_main():
         return
     for job in jobs:
         if hasattr(job.spec.on_epoch, "flush"):
             job.spec.on_epoch.flush()
-    state = {"epoch": epoch, "gen": gen.get_state(), "rng": global_rng_state(device)}
+    state = {"epoch": epoch, "gen": gen.get_state(), "ranks": ranks}
     checkpoints.save({**state, "jobs": [job.state() for job in jobs]})
 
 
