@@ -8,21 +8,24 @@ width-48 CNN, 48x the student's weights). Each is trained three ways, alternatin
 - `default`: kdflow's policy (`checkpoint.every_s: 30`, `max_share: 0.02`) and the checkpoint at the end;
 - `every`:   a checkpoint at every epoch's end (`every_s: 0`): the raw cost of one, and the worst case.
 
-Checkpoints go where the pipeline puts them: artifacts of an MLflow run in a SQLite store with local artifacts
-(what a local run uses; a tracking server adds its upload time, which the policy's cost share absorbs). The
+Checkpoints go where the pipeline puts them: artifacts of an MLflow run, in a SQLite store with local artifacts
+(`--store sqlite`, what a local run uses) or through a tracking server (`--store server`: `mlflow server` on
+127.0.0.1 with its artifacts proxied to a local S3 server, the cluster's shape, where each write is an upload). The
 share is the checkpoint writes' own measured time over the fit's wall time (precise); the wall-time difference
 to `off` is also shown, but on a shared 2-core machine it is within the run-to-run noise. Every `default` and
 `every` fit must end with weights identical to `off` (checkpoints never change training).
 
     python benchmarks/bench_checkpoint.py                 # 2 rounds, the recipe's epochs
     python benchmarks/bench_checkpoint.py --quick         # 1 round, 3 epochs: a smoke test
+    python benchmarks/bench_checkpoint.py --store server  # through a tracking server (writes checkpoint_server.json)
 
-Prints a markdown table and writes benchmarks/results/checkpoint.json.
+Prints a markdown table and writes benchmarks/results/checkpoint.json (checkpoint_server.json with a server).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -99,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=None, help="override both fits' epochs")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS / "checkpoint.json"))
+    ap.add_argument("--store", choices=("sqlite", "server"), default="sqlite", help="where checkpoints are written")
+    ap.add_argument("--out", default=None, help="default: results/checkpoint.json (checkpoint_server.json)")
     args = ap.parse_args(argv)
+    args.out = args.out or str(RESULTS / ("checkpoint.json" if args.store == "sqlite" else "checkpoint_server.json"))
     if args.quick:
         args.rounds, args.epochs = 1, args.epochs or 3
     threads = default_threads()
@@ -110,9 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     teacher, _ = load_teacher(task)
     import mlflow
 
-    with tempfile.TemporaryDirectory(prefix="kdflow-bench-ckpt-") as tmp:
-        mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
-        exp = mlflow.create_experiment("bench-checkpoint", artifact_location=str(Path(tmp) / "artifacts"))
+    with tempfile.TemporaryDirectory(prefix="kdflow-bench-ckpt-") as tmp, contextlib.ExitStack() as stack:
+        stack.callback(mlflow.set_tracking_uri, mlflow.get_tracking_uri())
+        if args.store == "server":
+            mlflow.set_tracking_uri(_tracking_server(stack, Path(tmp)))
+            exp = mlflow.create_experiment("bench-checkpoint")
+        else:
+            mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
+            exp = mlflow.create_experiment("bench-checkpoint", artifact_location=str(Path(tmp) / "artifacts"))
         run_id = mlflow.MlflowClient().create_run(exp).info.run_id
         results = {}
         for name, make, kw in _fits(task, teacher, args.epochs):
@@ -148,11 +158,22 @@ def main(argv: list[str] | None = None) -> int:
         {
             "machine": {**machine_info(torch.device("cpu"), threads), "load_before": load_before,
                         "load_after": os.getloadavg()[0]},
-            "config": args.config, "rounds": args.rounds, "results": results,
+            "config": args.config, "rounds": args.rounds, "store": args.store, "results": results,
             "target_share": TARGET_SHARE, "worst_default_share": worst, "verdict": verdict,
         },
     )  # fmt: skip
     return 0
+
+
+def _tracking_server(stack: contextlib.ExitStack, tmp: Path) -> str:
+    """`mlflow server` on 127.0.0.1, artifacts proxied to a local S3 server (the tests' helpers); its URI."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.helpers import servers
+
+    (tmp / "s3").mkdir()
+    s3 = stack.enter_context(servers.s3_server(tmp / "s3"))
+    server = stack.enter_context(servers.mlflow_server(tmp, f"sqlite:///{tmp / 'server.db'}", s3))
+    return server.url
 
 
 def _summarise(runs: dict[str, list[dict]], same: bool) -> dict:
