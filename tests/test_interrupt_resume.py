@@ -83,6 +83,20 @@ def _metrics(home: Path) -> dict[str, dict[str, float]]:
     }
 
 
+def _curves(home: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Each training run's per-epoch curves (not timings): every (epoch, value) point logged, in order."""
+    client, _ = _client(home)
+    return {
+        name: {
+            k: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, k))
+            for k in r.data.metrics
+            if k.startswith(("pretrain/", "finetune/", "epoch/")) and not TIMING.search(k)
+        }
+        for name, r in _runs(home).items()
+        if r.data.tags.get("kdflow.step") in ("teacher", "distill")
+    }
+
+
 def _assert_stopped_cleanly(home: Path, proc: subprocess.Popen) -> None:
     """No RUNNING run, no process of the run's session, the home's lock free, no record of a live run."""
     assert [n for n, r in _runs(home).items() if r.info.status == "RUNNING"] == []
@@ -187,6 +201,9 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, uninterrupted)
     for name in expected:
         assert all(torch.equal(got[name][k], v) for k, v in expected[name].items()), name
     assert _metrics(home) == _metrics(whole)
+    curves = _curves(home)  # one point per epoch: none logged twice by the killed and the resumed process
+    assert len(curves["teacher"]["pretrain/val_top1"]) == 8 and len(curves["pruned60-kd"]["epoch/val_top1"]) == 12
+    assert curves == _curves(whole)
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])

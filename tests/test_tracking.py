@@ -106,3 +106,29 @@ def test_epoch_curves_are_logged_under_their_prefix_with_one_name_per_quantity(t
     assert set(client.get_run(run.info.run_id).data.metrics) == {"epoch/train_loss", "epoch/val_top1", "epoch/val_loss"}
     history = client.get_metric_history(run.info.run_id, "epoch/val_top1")
     assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.75)]
+
+
+def test_a_resumed_fit_does_not_log_an_epoch_twice(tmp_path):
+    """Epochs 1-3 reached the run before a kill (checkpoint after 2); the resumed fit trains 3-5 again and its
+    logger sends only 4 and 5: one point per epoch, as if never interrupted."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment("resumed", uri)
+    client = MlflowClient()
+    run_id = client.create_run(exp).info.run_id
+    killed = tracking.epoch_logger("x", 5, "epoch/", run_id)
+    for epoch in (1, 2, 3):
+        killed(epoch, {"train_loss": 1.0 / epoch, "val_acc": 0.1 * epoch})
+    killed.flush()
+    resumed = tracking.epoch_logger("x", 5, "epoch/", run_id)
+    for epoch in (3, 4, 5):
+        resumed(epoch, {"train_loss": 1.0 / epoch, "val_acc": 0.1 * epoch})
+    resumed.close()
+    for key, value in (("epoch/val_top1", lambda e: 0.1 * e), ("epoch/train_loss", lambda e: 1.0 / e)):
+        history = client.get_metric_history(run_id, key)
+        assert sorted((m.step, m.value) for m in history) == [(e, value(e)) for e in (1, 2, 3, 4, 5)], key
+    fresh = tracking.epoch_logger("x", 1, "other/", run_id)  # keys the run does not hold: nothing dropped
+    fresh(1, {"val_acc": 0.5})
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "other/val_top1")] == [(1, 0.5)]
+    assert mlflow.active_run() is None

@@ -408,6 +408,13 @@ def open_child_run(experiment_id: str, parent_id: str, name: str, step: str, tag
 CURVE_NAMES = {"val_acc": "val_top1"}
 
 
+def logged_steps(client, run_id: str, keys: set[str]) -> dict[str, set[int]]:
+    """The steps at which run `run_id` already holds each of `keys` (those it holds at all): one call for a run
+    without them, one more per key it has."""
+    present = set(client.get_run(run_id).data.metrics) & keys
+    return {k: {m.step for m in client.get_metric_history(run_id, k)} for k in sorted(present)}
+
+
 class epoch_logger:  # noqa: N801 - called like the function it was
     """An `on_epoch` callback for `kdflow.engine.loop.fit`: prints progress and logs each epoch's metrics to MLflow
     (the active run, or `run_id`). In a local `kdflow run` (LOCAL_RUN_ENV set) the progress is an event a line
@@ -415,7 +422,8 @@ class epoch_logger:  # noqa: N801 - called like the function it was
     (a pod's log) a readable PROGRESS_PREFIX line every fifth of the epochs.
     Metrics are sent in batches, at least every `flush_every_s` seconds, after the last epoch and on `close()`
     (the engine calls it when the student's training ends, early stopping included): one store round trip per
-    epoch costs more than a small model's epoch."""
+    epoch costs more than a small model's epoch. An epoch the run already holds (a resumed fit trains again the
+    epochs a killed one had logged after its last checkpoint, with the same values) is not logged twice."""
 
     def __init__(
         self, label: str, epochs: int, prefix: str = "", run_id: str | None = None, flush_every_s: float = 10.0
@@ -430,6 +438,7 @@ class epoch_logger:  # noqa: N801 - called like the function it was
             flush_every_s,
         )
         self.pending: list = []
+        self.logged: dict[str, set[int]] | None = None  # (metric → epochs) the run held before: see flush
         self.last_flush, self.last_epoch = time.monotonic(), 0
         # a local run's console renders events (every epoch, with its time); a pod's log gets readable lines
         self.events = bool(os.environ.get(LOCAL_RUN_ENV))
@@ -443,8 +452,12 @@ class epoch_logger:  # noqa: N801 - called like the function it was
 
         if self.pending:
             target = self.run_id or mlflow.active_run().info.run_id
-            for chunk in _chunks(self.pending, 1000):
-                mlflow.MlflowClient().log_batch(target, metrics=chunk)
+            client = mlflow.MlflowClient()
+            if self.logged is None:  # a resumed fit trains again the epochs after its checkpoint: those the
+                self.logged = logged_steps(client, target, {m.key for m in self.pending})  # killed one sent stay
+            fresh = [m for m in self.pending if m.step not in self.logged.get(m.key, ())]
+            for chunk in _chunks(fresh, 1000):
+                client.log_batch(target, metrics=chunk)
         self.pending.clear()
         self.last_flush = time.monotonic()
 
