@@ -22,7 +22,6 @@ from kdflow.config import Config, first_difference
 from kdflow.runner import progress, stepserver
 from kdflow.runtime import cpus, filelock, procs
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 EXCEPTION_LINE = re.compile(r"^\s*((?:\w+\.)*\w*(?:Error|Exception): .*)$", re.MULTILINE)
 LOCAL_PARALLELISM = 2  # kfp.local's cap on concurrent ParallelFor iterations
 TELEMETRY_ENV = "MLFLOW_DISABLE_TELEMETRY"
@@ -103,9 +102,9 @@ def run_local(
         active.write_text(json.dumps(record))
         earlier = sorted(d.name for d in (home / "pipeline-root").glob("*/"))  # so the next resume finds ours
         config = cfg.model_dump(mode="json")  # recorded without its credentials, if any: --resume asks for them
-        last = LastRun(home, {**record, "config": secrets.scrub(config), "status": "running", "resumes": plan})
-        last.update(credentials=secrets.scrub(config) != config)
-        last.update(earlier_dirs=earlier)
+        scrubbed = secrets.scrub(config)
+        last = LastRun(home, {**record, "config": scrubbed, "status": "running", "resumes": plan,
+                              "credentials": scrubbed != config, "earlier_dirs": earlier})  # fmt: skip
         try:
             with _env(tracking.RESUME_ENV, json.dumps(plan)) if plan else contextlib.nullcontext():
                 with Interrupt(server, cfg.experiment, run_id, last, home, uri):
@@ -211,8 +210,9 @@ def plan_resume(home: Path, cfg: Config) -> dict:
         raise ResumeError(f"--resume: no earlier kdflow run on {home} to continue")
     if last["status"] == "succeeded":
         raise ResumeError(f"--resume: the last kdflow run on {home} finished; there is nothing to continue")
-    if secrets.scrub(cfg.model_dump(mode="json")) != last["config"]:
-        key = first_difference(secrets.scrub(cfg.model_dump(mode="json")), last["config"])
+    scrubbed = secrets.scrub(cfg.model_dump(mode="json"))
+    if scrubbed != last["config"]:
+        key = first_difference(scrubbed, last["config"])
         raise ResumeError(f"--resume: {key} differs from the interrupted run's config; resume it without -c/--set")
     parent = tracking.find_local_parent(last["experiment"], last["local_run"])
     if parent is None and last.get("resumes"):  # a resumed run stopped before it took over the parent run
@@ -347,7 +347,7 @@ def _run(cfg: Config, home: Path, uri: str, verbose: bool) -> dict:
     except RuntimeError as err:
         tail = log.tail()
         errors = [m.group(1) for m in EXCEPTION_LINE.finditer(tail)]
-        headline = errors[-1] if errors else ANSI.sub("", str(err))
+        headline = errors[-1] if errors else progress.ANSI.sub("", str(err))
         raise PipelineFailed(f"{headline}\n--- last lines of {log.path} ---\n{tail}") from None
     finally:
         builtins.print = original_print

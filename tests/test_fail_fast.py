@@ -228,6 +228,28 @@ def test_credentials_in_config_values_never_reach_mlflow_params():
     assert secrets.redact_value("data.source", "s3://bucket/key") == "s3://bucket/key"
 
 
+def test_scrub_and_to_env_take_the_same_values_for_credentials(tmp_path):
+    """A config without credentials scrubs to itself, so `kdflow run --resume` with no -c/--set continues it:
+    `cluster.s3_secret` and `cluster.secret_keys` name a Kubernetes Secret, `${env:NAME}` names a variable."""
+    from kdflow import secrets
+    from kdflow.config import Config, load_config
+    from kdflow.pipelines.local import LAST_FILE, recorded_config
+
+    plain = load_config(None, {"data.root": "${env:DATA_ROOT}", "teacher.arch_kwargs": {"token": "${env:TOK}"}})
+    data = plain.model_dump(mode="json")
+    assert data["cluster"]["s3_secret"] == "kdflow-s3" and data["cluster"]["secret_keys"] == [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    ]
+    assert secrets.scrub(data) == data and secrets.to_env(data) == (data, {})
+    with_one = load_config(None, {"teacher.arch_kwargs": {"token": SECRET}}).model_dump(mode="json")
+    assert secrets.scrub(with_one)["teacher"]["arch_kwargs"] == {"token": "***"}
+    assert list(secrets.to_env(with_one)[1].values()) == [SECRET]
+    # what a local run records (`run_local`), read back by --resume
+    (tmp_path / LAST_FILE).write_text(json.dumps({"config": secrets.scrub(data), "credentials": False}))
+    assert recorded_config(tmp_path) == Config.model_validate(data)
+
+
 def test_log_params_redacts(monkeypatch):
     import mlflow
 

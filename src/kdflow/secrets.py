@@ -5,9 +5,18 @@ from __future__ import annotations
 import re
 
 MASK = "***"
-_USERINFO = re.compile(r"(?<=://)[^/\s@]+@")
+_USERINFO = re.compile(r"(?<=://)([^/\s@]+)@")  # a URI's user-info (group 1)
 # keys whose values are credentials whatever they hold (arch_kwargs and other free-form mappings may carry them)
 SECRET_KEY = re.compile(r"(pass(word|wd)?|secret|token|api[_-]?key|credential|private[_-]?key)", re.IGNORECASE)
+SECRET_NAMES = {"s3_secret", "secret_keys"}  # `cluster` keys that name a Kubernetes Secret and its keys: no credentials
+ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")  # a config value's reference to an environment variable
+
+
+def secret_key(key: str) -> bool:
+    """Whether values under `key` (a dotted path: its last part decides) are credentials: a secret-looking name
+    that does not merely name a Kubernetes Secret (`SECRET_NAMES`)."""
+    name = key.rsplit(".", 1)[-1]
+    return bool(SECRET_KEY.search(name)) and name not in SECRET_NAMES
 
 
 def redact(text: str) -> str:
@@ -17,12 +26,15 @@ def redact(text: str) -> str:
 
 def redact_value(key: str, value: str) -> str:
     """A config value as it may be logged: masked whole under a secret-looking key, else its URIs redacted."""
-    return MASK if SECRET_KEY.search(key.rsplit(".", 1)[-1]) else redact(value)
+    return MASK if secret_key(key) else redact(value)
 
 
 def scrub(value, key: str = ""):
-    """`value` (mappings and lists walked) with values under secret-looking keys masked and URIs redacted."""
-    if key and SECRET_KEY.search(str(key).rsplit(".", 1)[-1]):
+    """`value` (mappings and lists walked) with values under secret-looking keys masked and URIs redacted; the
+    same values `to_env` takes for credentials, so a config without any comes back equal."""
+    if isinstance(value, str) and ENV_REF.fullmatch(value):
+        return value  # a reference to a variable, not a credential
+    if key and secret_key(str(key)):
         return MASK
     if isinstance(value, dict):
         return {k: scrub(v, str(k)) for k, v in value.items()}
@@ -31,10 +43,7 @@ def scrub(value, key: str = ""):
     return redact(value) if isinstance(value, str) else value
 
 
-ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")  # a config value's reference to an environment variable
 SECRET_ENV = "KDFLOW_SECRET_"  # the variables a local run moves a config's credentials into
-SECRET_NAMES = {"s3_secret", "secret_keys"}  # `cluster` keys that name a Kubernetes Secret and its keys: no credentials
-_URI_USERINFO = re.compile(r"(?<=://)([^/\s@]+)@")
 
 
 def to_env(value, key: str = "") -> tuple[object, dict[str, str]]:
@@ -58,9 +67,9 @@ def to_env(value, key: str = "") -> tuple[object, dict[str, str]]:
             return [walk(vv, k) for vv in v]
         if not isinstance(v, str) or ENV_REF.fullmatch(v):
             return v
-        if k and SECRET_KEY.search(k.rsplit(".", 1)[-1]) and k not in SECRET_NAMES:
+        if k and secret_key(k):
             return ref(v)
-        return _URI_USERINFO.sub(lambda m: m.group(0) if ENV_REF.fullmatch(m.group(1)) else ref(m.group(1)) + "@", v)
+        return _USERINFO.sub(lambda m: m.group(0) if ENV_REF.fullmatch(m.group(1)) else ref(m.group(1)) + "@", v)
 
     return walk(value, key), env
 
