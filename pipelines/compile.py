@@ -33,8 +33,9 @@ def compile_pipeline(cfg: Config, out: str | Path, tracking_uri: str = "") -> Pa
     from kdflow.secrets import to_env
 
     data = cfg.model_dump(mode="json")
-    if to_env(data)[1]:
-        key = first_difference(to_env(data)[0], data)
+    referenced, credentials = to_env(data)
+    if credentials:
+        key = first_difference(referenced, data)
         raise ConfigError(
             f"{key} holds a credential, which the compiled pipeline would show: write it as ${{env:NAME}} and give "
             "the pods NAME from a Kubernetes Secret (cluster.s3_secret and cluster.secret_keys)"

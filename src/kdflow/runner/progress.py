@@ -62,7 +62,7 @@ class Phase:
     last_time: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     done: bool = False
-    noted: tuple[int, float] = (0, 0.0)  # the epoch a plain view last printed, and its time
+    noted_at: float = 0.0  # when a plain view last printed an epoch of it
 
     def elapsed(self) -> float:
         return (self.last_time if self.epoch else self.start) - self.start
@@ -122,7 +122,7 @@ class RunProgress:
             self.finished += 1
             k, began = (self.running.get(name) or [(self.finished, self.t0)]).pop(0)
             took = clock_text(self.clock() - began)
-            done = f"{self.finished}/{self.steps}" if self.steps else str(self.finished)
+            done = self._of(self.finished)
             return [Note("step", self._stamp(f"step {self._of(k)} {name} {status} in {took} ({done} done)"))]
         if m := PIPELINE_END.search(line):
             took = clock_text(self.clock() - self.t0)
@@ -135,7 +135,7 @@ class RunProgress:
         name, epoch, of, t = str(ev["phase"]), int(ev["epoch"]), int(ev["of"]), float(ev["time"])
         phase = self.phases.get(name)
         if phase is None or (epoch == 0 and not ev.get("done")):  # a start event (again: a retried step)
-            phase = self.phases[name] = Phase(name, of, start=t, noted=(0, t))
+            phase = self.phases[name] = Phase(name, of, start=t, noted_at=t)
             if epoch == 0:
                 return []
         if ev.get("done"):
@@ -144,10 +144,10 @@ class RunProgress:
         phase.metrics = {k: float(v) for k, v in ev.items() if k in ("loss", "val_acc")}
         if phase.first is None:
             phase.first = (epoch, t)
-        due = epoch >= of or epoch % max(1, of // 5) == 0 or t - phase.noted[1] >= NOTE_EVERY_S
+        due = epoch >= of or epoch % max(1, of // 5) == 0 or t - phase.noted_at >= NOTE_EVERY_S
         if not due:
             return []
-        phase.noted = (epoch, t)
+        phase.noted_at = t
         return [Note("epoch", self._stamp(self.epoch_text(phase)))]
 
     def _ended(self, p: Phase) -> list[Note]:
@@ -271,9 +271,9 @@ class EtaColumn(ProgressColumn):
         return Text(f"ETA {clock_text(left)}", style="progress.remaining")
 
 
-def view_for(stream: IO[str], steps: int | None, live: bool | None = None, clock=time.monotonic):
+def view_for(stream: IO[str], steps: int | None, live: bool | None = None):
     """The view a console gets: bars on a terminal, plain lines elsewhere."""
-    state = RunProgress(steps, clock)
+    state = RunProgress(steps)
     isatty = getattr(stream, "isatty", lambda: False)
     return LiveView(stream, state) if (isatty() if live is None else live) else PlainView(stream, state)
 
