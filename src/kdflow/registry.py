@@ -153,10 +153,10 @@ HEADLINE_METRICS = (
 )  # fmt: skip
 
 
-def _metric_tags(metrics: dict[str, float], cfg: RegistryConfig | None = None) -> dict[str, str]:
+def _metric_tags(metrics: dict[str, float], cfg: RegistryConfig) -> dict[str, str]:
     """The headline metrics (and the gate's and policy's metrics of `cfg`) as version tags, written exactly
     (repr) so a stored score compares equal to a recomputed one."""
-    keep = set(HEADLINE_METRICS) | ({cfg.champion_metric, cfg.policy.metric} if cfg is not None else set())
+    keep = set(HEADLINE_METRICS) | {cfg.champion_metric, cfg.policy.metric}
     return {k: repr(float(v)) for k, v in metrics.items() if k in keep}
 
 

@@ -612,13 +612,6 @@ def client():
     return mlflow.MlflowClient()
 
 
-def load_pytorch_model(model_uri: str):
-    """A logged PyTorch model (`models:/...`, `runs:/...`), loaded for scoring."""
-    import mlflow.pytorch
-
-    return mlflow.pytorch.load_model(model_uri)
-
-
 def find_local_parent(experiment: str, local_run: str) -> tuple[str, str] | None:
     """The KFP run id and name of the parent run that local run `local_run` opened (`kdflow.local_run` tag)."""
     import mlflow
