@@ -47,7 +47,9 @@ def broadcast_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` (any picklable value) on every rank."""
+    """Rank 0's `obj` (any picklable value) on every rank; `obj` itself without a group."""
+    if world_size() == 1:
+        return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]

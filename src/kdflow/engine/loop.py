@@ -91,12 +91,11 @@ def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch:
 def validate(model: nn.Module, val: ImageSet, normalizer: Normalizer) -> tuple[float, float]:
     """(accuracy, cross-entropy) on the validation split. Under DDP rank 0 computes them and every rank gets
     rank 0's numbers, so all ranks make the same best-epoch choice."""
-    world = ddp.world_size()
     result = None
-    if world == 1 or ddp.is_main():
+    if ddp.is_main():
         logits = predict(model, val.x, normalizer)
         result = (accuracy(logits, val.y), float(F.cross_entropy(logits, val.y.cpu())))
-    return result if world == 1 else ddp.broadcast_object(result)
+    return ddp.broadcast_object(result)
 
 
 class Job:
@@ -379,9 +378,7 @@ def _resume(checkpoints: Checkpoints | None, jobs: list[Job], gen: torch.Generat
     Under DDP rank 0 reads it and sends it to every rank, which takes its own RNG states from it."""
     if checkpoints is None:
         return 0
-    state = checkpoints.load() if ddp.is_main() else None
-    if ddp.world_size() > 1:
-        state = ddp.broadcast_object(state)
+    state = ddp.broadcast_object(checkpoints.load() if ddp.is_main() else None)
     if state is None:
         return 0
     if len(state["jobs"]) != len(jobs):
@@ -412,8 +409,7 @@ def _rank_rng(state: dict, rank: int, world: int, key: str) -> dict:
 
 def _due(checkpoints: Checkpoints) -> bool:
     """Whether a checkpoint is due now: rank 0's clock decides for every rank."""
-    due = checkpoints.due()
-    return ddp.broadcast_object(due) if ddp.world_size() > 1 else due
+    return ddp.broadcast_object(checkpoints.due())
 
 
 def _checkpoint(checkpoints: Checkpoints, jobs: list[Job], gen: torch.Generator, epoch: int, device) -> None:
