@@ -28,7 +28,8 @@ def register(
     returns the summary: the decision, the teacher's and every candidate's metrics and versions, the policy."""
     cfg = ctx.cfg
     manifest = data.read_manifest(data_dir)
-    candidates, scored = _candidates(student_dirs, report_paths)
+    reports = {r["name"]: r for p in report_paths for r in json.loads(Path(p).read_text())}  # every evaluate step's
+    candidates, scored = _candidates(student_dirs, reports)
     teacher_info = read_info(teacher_dir)
     test = data.load_imageset(data_dir, "target", "test")
     # a registered model's test logits, computed at most once (the gate may need its score and its predictions)
@@ -58,7 +59,7 @@ def register(
                 rescore,
                 teacher_uri=teacher_info["model_uri"],
                 val_images=val_images,
-                paired=pairing(test, logits_of, _registered_correct(report_paths)),
+                paired=pairing(test, logits_of, _registered_correct(reports)),
             )
             _tag_teacher_onnx(cfg, decision, teacher_info)
             summary = {
@@ -158,12 +159,12 @@ def _chose(c: registry.Candidate) -> dict:
 
 
 def _candidates(
-    student_dirs: list[str], report_paths: list[str]
+    student_dirs: list[str], reports: dict[str, dict]
 ) -> tuple[list[registry.Candidate], list[evidence.Scored]]:
     """Every candidate the distill steps trained, with the metrics its evaluation reported, then every INT8
     candidate the evaluate steps quantized (after the FP32 ones: their versions name the FP32 version); and the
-    FP32 candidates as the evidence sees them (student, objective kind, per-image test correctness)."""
-    reports = {r["name"]: r for p in report_paths for r in json.loads(Path(p).read_text())}
+    FP32 candidates as the evidence sees them (student, objective kind, per-image test correctness). `reports`:
+    the evaluate steps' reports by candidate name."""
     out, scored = [], []
     for d in (c for group in student_dirs for c in candidate_dirs(group)):
         info = read_info(d)
@@ -195,10 +196,9 @@ def _check_per_image(name: str, report: dict) -> None:
         )
 
 
-def _registered_correct(report_paths: list[str]) -> dict[str, np.ndarray]:
+def _registered_correct(reports: dict[str, dict]) -> dict[str, np.ndarray]:
     """Each candidate's per-image test correctness, of the model that is registered (a candidate's first seed)."""
-    reports = (r for p in report_paths for r in json.loads(Path(p).read_text()))
-    return {r["name"]: np.asarray(r["test_correct"], dtype=bool) for r in reports}
+    return {name: np.asarray(r["test_correct"], dtype=bool) for name, r in reports.items()}
 
 
 def pairing(
