@@ -138,13 +138,12 @@ def _judge(cfg: RegistryConfig, mv, champ) -> str:
             f"{cfg.model_name} v{mv.version} and champion v{champ.version} were scored on different test data "
             f"({registry.TEST_HASH_TAG} differs): their {metric} do not compare; promote with --force"
         )
+    ok = registry.beats(scores["version"], scores["champion"], cfg.min_improvement)
     best = registry.Candidate(f"v{mv.version}", {metric: scores["version"]})
-    if not registry._gate(cfg, best, scores["champion"], None):
-        raise CatalogError(
-            f"refused: v{mv.version} {metric}={scores['version']:.4f} does not beat champion v{champ.version} "
-            f"({scores['champion']:.4f} + {cfg.min_improvement}); pass --force to promote anyway"
-        )
-    return f"v{mv.version} {metric}={scores['version']:.4f} beats champion v{champ.version} ({scores['champion']:.4f})"
+    reason = registry.gate_reason(cfg, best, ok, int(champ.version), scores["champion"])
+    if not ok:
+        raise CatalogError(f"refused: {reason}; pass --force to promote anyway")
+    return reason
 
 
 def champion_line(moves: list[dict]) -> list[int]:

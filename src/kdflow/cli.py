@@ -16,6 +16,7 @@ from rich.table import Table
 from kdflow import tracking
 from kdflow.config import Config, ConfigError, load_config, local_source_problem
 from kdflow.errors import DataError
+from kdflow.report import macs, status
 
 app = typer.Typer(no_args_is_help=True, help=__doc__)  # with --install-completion / --show-completion
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -165,11 +166,6 @@ def table_width(table: Table) -> int:
     return scratch.measure(table).maximum
 
 
-def _macs(n: float) -> str:
-    """Multiply-accumulates per image, short: 1.49M, 223k."""
-    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
-
-
 def _shown_gain(g: dict | None) -> str:
     """`+1.2 [+0.3, +2.1]`, starred when the interval is above 0 and McNemar p < 0.05."""
     if g is None:
@@ -219,19 +215,17 @@ def _print_summary(summary: dict) -> None:
     teacher_status = "[yellow]weak teacher[/yellow]" if ev.get("weak_teacher") else ""
     table.add_row(
         "teacher", f"{t['val_top1']:.2%}", f"{t['test_top1']:.2%}", *[""] * len(evidence_cols),
-        f"{int(t['params']):,}", _macs(t["macs"]), f"{t['latency_ms_b1']:.3f}",
+        f"{int(t['params']):,}", macs(t["macs"]), f"{t['latency_ms_b1']:.3f}",
         *_speed_cells(t, speed_cols, teacher=True), "", f"v{t['version']}", teacher_status,
     )  # fmt: skip
     for name, c in sorted(summary["candidates"].items(), key=lambda kv: -kv[1]["val_top1"]):
-        mark = "champion" if c["version"] == d["champion_version"] else ("selected" if name == d["selected"] else "")
-        if name in d["rejected"]:
-            mark = f"policy: {d['rejected'][name]}"
+        mark = status(name, c, d)
         test = f"{c['test_top1']:.2%}"
         if "test_top1_std" in c:
             test = f"{c['test_top1_mean']:.2%} ± {100 * c['test_top1_std']:.1f}"
         table.add_row(
             name, f"{c['val_top1']:.2%}", test, *_evidence_cells(name, ev),
-            f"{int(c['params']):,}", _macs(c["macs"]), f"{c['latency_ms_b1']:.3f}", *_speed_cells(c, speed_cols),
+            f"{int(c['params']):,}", macs(c["macs"]), f"{c['latency_ms_b1']:.3f}", *_speed_cells(c, speed_cols),
             f"{c['teacher_agreement']:.2%}", f"v{c['version']}", mark,
         )  # fmt: skip
     _print_table(table)
@@ -475,7 +469,7 @@ def _shown(metrics: dict[str, float], key: str) -> str:
     if key == "params":
         return f"{int(v):,}"
     if key == "macs":
-        return _macs(v)
+        return macs(v)
     return f"{v:.3f}" if key.startswith("latency") else f"{v:.2%}"
 
 

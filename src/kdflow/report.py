@@ -76,8 +76,18 @@ def figure(summary: dict, path: Path) -> Path:
     return path
 
 
-def _macs(n: float) -> str:
+def macs(n: float) -> str:
+    """Multiply-accumulates per image, short: 1.49M, 223k."""
     return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def status(name: str, candidate: dict, decision: dict) -> str:
+    """A candidate's standing after the decision: the champion, the policy's pick, why the policy refused it."""
+    if name in decision["rejected"]:
+        return f"policy: {decision['rejected'][name]}"
+    if candidate["version"] == decision["champion_version"]:
+        return "champion"
+    return "selected" if name == decision["selected"] else ""
 
 
 def rows(summary: dict) -> list[list[str]]:
@@ -85,16 +95,13 @@ def rows(summary: dict) -> list[list[str]]:
     d, gains = summary["decision"], summary.get("evidence", {}).get("gains_vs_ce", {})
     t = summary["teacher"]
     out = [["teacher", f"{t['val_top1']:.2%}", f"{t['test_top1']:.2%}", "", f"{int(t['params']):,}",
-            _macs(t["macs"]), f"{t['latency_ms_b1']:.3f}", "", f"v{t['version']}", ""]]  # fmt: skip
+            macs(t["macs"]), f"{t['latency_ms_b1']:.3f}", "", f"v{t['version']}", ""]]  # fmt: skip
     for name, c in sorted(summary["candidates"].items(), key=lambda kv: -kv[1]["val_top1"]):
-        status = "champion" if c["version"] == d["champion_version"] else ("selected" if name == d["selected"] else "")
-        if name in d["rejected"]:
-            status = f"policy: {d['rejected'][name]}"
         g = gains.get(name)
         vs = g["shown"] if g else ("baseline" if any(v["baseline"] == name for v in gains.values()) else "")
         out.append([name, f"{c['val_top1']:.2%}", f"{c['test_top1']:.2%}", vs, f"{int(c['params']):,}",
-                    _macs(c["macs"]), f"{c['latency_ms_b1']:.3f}", f"{c['teacher_agreement']:.2%}",
-                    f"v{c['version']}", status])  # fmt: skip
+                    macs(c["macs"]), f"{c['latency_ms_b1']:.3f}", f"{c['teacher_agreement']:.2%}",
+                    f"v{c['version']}", status(name, c, d)])  # fmt: skip
     return out
 
 
