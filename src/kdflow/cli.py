@@ -105,16 +105,7 @@ def run(
     for key in ("source", "target"):  # a missing data folder fails here, in seconds, not in data prep
         if problem := local_source_problem(getattr(cfg.data, key), cfg.data.image_size):
             raise _fail(f"data.{key}: {problem}")
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.embedded_tracking_uri(home)
-    # credentials in the URI travel by environment (MLflow's basic-auth variables), never on a command line
-    uri, user, password = tracking.split_credentials(uri)
-    for var, value in zip(tracking.CREDENTIAL_ENV, (user, password)):
-        if value is not None:
-            os.environ[var] = value
-    try:
-        tracking.check_reachable(uri)  # within 10 s, before any training
-    except ConnectionError as err:
-        raise _fail(str(err)) from None
+    uri = _store_uri(home, tracking_uri)  # within 10 s, before any training
     n = len(cfg.candidates())
     console.print(
         f"[bold]kdflow[/bold] {cfg.experiment}: {cfg.data.setup} on {cfg.data.source}"
@@ -439,12 +430,21 @@ def _client(home: Path | None, tracking_uri: str | None):
     import mlflow
 
     home = (home or tracking.kdflow_home()).expanduser().resolve()
+    uri = _store_uri(home, tracking_uri, must_exist=True)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient()
+
+
+def _store_uri(home: Path, tracking_uri: str | None, must_exist: bool = False) -> str:
+    """The MLflow store's URI (--tracking-uri, $MLFLOW_TRACKING_URI, else the embedded store in `home`) without
+    its credentials, which travel by environment (MLflow's basic-auth variables), never on a command line; the
+    store checked reachable within 10 s (and, with `must_exist`, an embedded one already there)."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.embedded_tracking_uri(home)
     uri, user, password = tracking.split_credentials(uri)
     for var, value in zip(tracking.CREDENTIAL_ENV, (user, password)):
         if value is not None:
             os.environ[var] = value
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+    if must_exist and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         raise _fail(
             f"no MLflow store at {uri[len('sqlite:///') :]}: run kdflow run first, or pass --home/--tracking-uri"
         )
@@ -452,8 +452,7 @@ def _client(home: Path | None, tracking_uri: str | None):
         tracking.check_reachable(uri)
     except ConnectionError as err:
         raise _fail(str(err)) from None
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient()
+    return uri
 
 
 def _registry_cfg(model: str, config: Path | None, sets: list[str] | None):
