@@ -366,8 +366,8 @@ def _chooser(client, cfg, best, mine, test_hash, rescore, paired, started_ns, fi
 
 
 def _register(
-    client, cfg, candidates, teacher, test_hash, rescore, teacher_uri, paired, selection, champ, previous_score,
-    versus, partial: Decision, started_ns: int = 0,
+    client, cfg, candidates, teacher, test_hash, rescore, teacher_uri, teacher_tags, paired, selection, champ,
+    previous_score, versus, partial: Decision, started_ns: int = 0,
 ):  # fmt: skip
     """Register the teacher and the candidates (recording each version in `partial` as it appears), then settle
     the alias; returns (teacher version, promoted, reason, the alias's final holder)."""
@@ -376,8 +376,8 @@ def _register(
     lineage: dict[str, str] = {}
     teacher_version = None
     if teacher_uri is not None:
-        teacher_tags = {TEST_HASH_TAG: test_hash, **_metric_tags(teacher, cfg)}
-        teacher_version = int(mlflow.register_model(teacher_uri, cfg.teacher_model_name, tags=teacher_tags).version)
+        tags = {**teacher_tags, TEST_HASH_TAG: test_hash, **_metric_tags(teacher, cfg)}
+        teacher_version = int(mlflow.register_model(teacher_uri, cfg.teacher_model_name, tags=tags).version)
         partial.teacher_version = teacher_version
         lineage = {"kdflow.teacher_model": cfg.teacher_model_name, "kdflow.teacher_version": str(teacher_version)}
     versions = partial.versions
@@ -464,9 +464,10 @@ def register_and_promote(
     teacher_uri: str | None = None,
     val_images: int | None = None,
     paired: Callable[[str, str], Gain] | None = None,
+    teacher_tags: dict[str, str] | None = None,
 ) -> Decision:
-    """Register the teacher (as `cfg.teacher_model_name`, when `teacher_uri` is given) and every candidate (as
-    versions of `cfg.model_name`), then move the alias per policy and gate.
+    """Register the teacher (as `cfg.teacher_model_name`, when `teacher_uri` is given, with `teacher_tags` beside
+    its scores) and every candidate (as versions of `cfg.model_name`), then move the alias per policy and gate.
 
     `rescore(model_uri)` evaluates a registered model on this run's test data; it is used only when the current
     champion was scored on different test data (its stored score would not be comparable). With
@@ -492,8 +493,8 @@ def register_and_promote(
     partial = Decision(None, False, "", versions, None, int(champ.version) if champ is not None else None, None, {})
     try:  # all or nothing: a failure takes back this step's versions and any alias move it made
         teacher_version, promoted, reason, final = _register(
-            client, cfg, candidates, teacher, test_hash, rescore, teacher_uri, paired, selection, champ,
-            previous_score, versus, partial, started_ns,
+            client, cfg, candidates, teacher, test_hash, rescore, teacher_uri, teacher_tags or {}, paired, selection,
+            champ, previous_score, versus, partial, started_ns,
         )  # fmt: skip
     except BaseException:
         undo(client, cfg, partial)

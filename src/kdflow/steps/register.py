@@ -60,8 +60,8 @@ def register(
                 teacher_uri=teacher_info["model_uri"],
                 val_images=val_images,
                 paired=pairing(test, logits_of, _registered_correct(reports)),
+                teacher_tags=_teacher_tags(teacher_info),
             )
-            _tag_teacher_onnx(cfg, decision, teacher_info)
             summary = {
                 "decision": asdict(decision),
                 "evidence": ev.summary(),
@@ -130,15 +130,10 @@ def _champion_metrics(cfg, summary: dict) -> dict[str, float]:
     return out
 
 
-def _tag_teacher_onnx(cfg: Config, decision: registry.Decision, teacher_info: dict) -> None:
+def _teacher_tags(teacher_info: dict) -> dict[str, str]:
     """The teacher's version names its ONNX model, as the candidates' versions do."""
-    if teacher_info.get("onnx_model_uri") and decision.teacher_version is not None:
-        tracking.client().set_model_version_tag(
-            cfg.registry.teacher_model_name,
-            str(decision.teacher_version),
-            registry.ONNX_URI_TAG,
-            teacher_info["onnx_model_uri"],
-        )
+    uri = teacher_info.get("onnx_model_uri")
+    return {registry.ONNX_URI_TAG: uri} if uri else {}
 
 
 def _speedup_note(cfg: Config) -> dict:
