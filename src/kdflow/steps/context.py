@@ -117,10 +117,16 @@ def export_onnx(name: str, model: nn.Module, norm: Normalizer, data_dir: str, cf
         sess = deploy.session(path, cfg.evaluate.latency_threads)
         p = deploy.parity(evaluate.predict(served, test_x, nn.Identity()), deploy.run(sess, test_x))
         deploy.check_parity(name, p, cfg.export.parity_atol, len(test_x))
-        e = cfg.evaluate
-        ort = deploy.ort_profile(path, test_x[:8], e.latency_batch_sizes, e.latency_warmup, e.latency_repeats,
-                                 e.latency_threads)  # fmt: skip
+        ort = ort_profile(path, test_x, cfg)
     return {**p.metrics(), **ort}
+
+
+def ort_profile(path: str | Path, x, cfg: Config) -> dict[str, float]:
+    """The ONNX model at `path` timed in ONNX Runtime on images `x` as `cfg.evaluate` says (`deploy.ort_profile`)."""
+    e = cfg.evaluate
+    return deploy.ort_profile(
+        path, x[:8], e.latency_batch_sizes, e.latency_warmup, e.latency_repeats, e.latency_threads
+    )
 
 
 def log_onnx(path: str | Path, data_dir: str) -> str:

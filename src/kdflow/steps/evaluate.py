@@ -18,6 +18,7 @@ from kdflow.steps.context import (
     candidate_dirs,
     export_onnx,
     log_onnx,
+    ort_profile,
     profile,
     read_info,
     seed_dir,
@@ -45,6 +46,10 @@ def evaluate_candidates(ctx: StepContext, data_dir: str, teacher_dir: str, stude
     with timing.compute():
         t_test = predict(teacher, tgt["test"].x, norm)
         teacher_ort = teacher_onnx_latency(cfg, teacher_dir, tgt["test"].x)
+
+    def versus_teacher(metrics: dict) -> dict:  # compression, retention and speed-ups over the teacher
+        return {**relative_to_teacher(metrics, teacher_metrics), **speedup(metrics, teacher_metrics, teacher_ort, cfg)}
+
     reports, quantized = [], []
     with tempfile.TemporaryDirectory(prefix="kdflow-onnx-") as tmp:
         for cdir in candidate_dirs(student_dir):
@@ -52,14 +57,12 @@ def evaluate_candidates(ctx: StepContext, data_dir: str, teacher_dir: str, stude
             info = read_info(cdir)
             onnx_path = Path(tmp) / f"{info['name']}.onnx" if cfg.export.onnx else None
             report = _evaluate_one(ctx, student, cdir, info, tgt, t_test, norm, classes, data_dir, onnx_path)
-            report["metrics"].update(relative_to_teacher(report["metrics"], teacher_metrics))
-            report["metrics"].update(speedup(report["metrics"], teacher_metrics, teacher_ort, cfg))
+            report["metrics"].update(versus_teacher(report["metrics"]))
             _log(info["run_id"], info["name"], report, onnx_path, data_dir)
             reports.append(report)
             if cfg.quantize.enabled:
                 q = quantize_candidate(ctx, info, onnx_path, report["metrics"], tgt, t_test, classes, tmp)
-                q["metrics"].update(relative_to_teacher(q["metrics"], teacher_metrics))
-                q["metrics"].update(speedup(q["metrics"], teacher_metrics, teacher_ort, cfg))
+                q["metrics"].update(versus_teacher(q["metrics"]))
                 _log(q["run_id"], q["name"], q, None, data_dir)
                 quantized.append(q)
     reports += quantized
@@ -115,10 +118,7 @@ def teacher_onnx_latency(cfg, teacher_dir: str, x) -> dict[str, float]:
     path = Path(teacher_dir) / ONNX_FILE
     if not cfg.export.onnx or not path.exists():
         return {}
-    e = cfg.evaluate
-    return deploy.ort_profile(
-        path, x[:8], e.latency_batch_sizes, e.latency_warmup, e.latency_repeats, e.latency_threads
-    )
+    return ort_profile(path, x, cfg)
 
 
 def quantize_candidate(ctx: StepContext, info: dict, fp32_path: Path, fp32: dict, tgt, t_test, classes, tmp) -> dict:
@@ -139,13 +139,11 @@ def quantize_candidate(ctx: StepContext, info: dict, fp32_path: Path, fp32: dict
         val, _ = evaluate.classification_report(s_val, tgt["val"].y, len(classes), bins, prefix="val")
         metrics.update({k: val[k] for k in VAL_KEYS if k in val})
         metrics["teacher_agreement"] = evaluate.agreement(s_test, t_test)
-        e = cfg.evaluate
-        ort = deploy.ort_profile(path, tgt["test"].x[:8], e.latency_batch_sizes, e.latency_warmup, e.latency_repeats,
-                                 e.latency_threads)  # fmt: skip
+        ort = ort_profile(path, tgt["test"].x, cfg)
     metrics.update({k: fp32[k] for k in ("params", "flops", "macs")})
     metrics.update(ort)
     metrics["size_bytes"] = ort["onnx_size_bytes"]
-    for b in e.latency_batch_sizes:  # it ships in ONNX Runtime only: that is its latency
+    for b in cfg.evaluate.latency_batch_sizes:  # it ships in ONNX Runtime only: that is its latency
         metrics[f"latency_ms_b{b}"] = ort[f"ort_latency_ms_b{b}"]
         metrics[f"latency_iqr_ms_b{b}"] = ort[f"ort_latency_iqr_ms_b{b}"]
         metrics[f"int8_speedup_b{b}"] = fp32[f"ort_latency_ms_b{b}"] / ort[f"ort_latency_ms_b{b}"]
