@@ -69,12 +69,12 @@ def list_models(client, alias: str = "champion") -> list[ModelRow]:
     for rm in sorted(client.search_registered_models(max_results=1000), key=lambda m: m.name):
         aliases = getattr(rm, "aliases", {}) or {}
         champ = int(aliases[alias]) if alias in aliases else None
-        cfg = RegistryConfig.model_construct(model_name=rm.name, alias=alias)
-        moves = registry.alias_history(client, cfg)
+        moves = registry.moves_in(rm.tags, alias)
         last = moves[-1] if moves else None
         when = f"{last['time'][:19].replace('T', ' ')} by {last.get('user', '?')}" if last else ""
-        metrics = headline(client.get_model_version(rm.name, str(champ)).tags) if champ is not None else {}
-        rows.append(ModelRow(rm.name, champ, len(_versions(client, rm.name)), metrics, when))
+        versions = _versions(client, rm.name)
+        metrics = next((headline(mv.tags) for mv in versions if int(mv.version) == champ), {})
+        rows.append(ModelRow(rm.name, champ, len(versions), metrics, when))
     return rows
 
 

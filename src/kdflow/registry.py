@@ -307,10 +307,14 @@ def record_move(
 
 def alias_history(client, cfg: RegistryConfig) -> list[dict]:
     """The recorded moves of `cfg.alias`, oldest first."""
+    return moves_in(client.get_registered_model(cfg.model_name).tags, cfg.alias)
+
+
+def moves_in(tags: dict[str, str], alias: str) -> list[dict]:
+    """The moves of `alias` recorded in a registered model's `tags` (`record_move`), oldest first."""
     import json
 
-    tags = client.get_registered_model(cfg.model_name).tags
-    prefix = f"{MOVE_TAG}.{cfg.alias}."
+    prefix = f"{MOVE_TAG}.{alias}."
     moves = [
         {**json.loads(v), "ns": int(k[len(prefix) :].split(".")[0])} for k, v in tags.items() if k.startswith(prefix)
     ]
