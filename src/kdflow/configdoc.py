@@ -82,12 +82,6 @@ def shown(value: Any) -> str:
     return "`" + json.dumps(to_jsonable_python(value), ensure_ascii=False).replace("|", "\\|") + "`"
 
 
-def _default(field: FieldInfo) -> Any:
-    if field.default is PydanticUndefined and field.default_factory is None:
-        return PydanticUndefined
-    return field.get_default(call_default_factory=True)
-
-
 def sections(
     cls: type[BaseModel], prefix: str, default: BaseModel | None, builtin: BaseModel | None
 ) -> typing.Iterator[tuple[str, type[BaseModel], list[tuple]]]:
@@ -95,21 +89,21 @@ def sections(
     (key, type, range, default, built-in value or "", description). A list's entries are keyed `[i]`."""
     rows, below = [], []
     for name, field in cls.model_fields.items():
-        value = getattr(default, name) if default is not None else _default(field)
+        value = getattr(default, name) if default is not None else field.get_default(call_default_factory=True)
         built = getattr(builtin, name) if builtin is not None else None
         differs = builtin is not None and to_jsonable_python(built) != to_jsonable_python(value)
         key = f"{prefix}.{name}" if prefix else name
+        sub = section_of(field.annotation)
         rows.append(
             (
                 key,
                 type_name(field.annotation),
                 constraints(field),
-                "see below" if section_of(field.annotation) and isinstance(value, BaseModel) else shown(value),
+                "see below" if sub and isinstance(value, BaseModel) else shown(value),
                 shown(built) if differs and not isinstance(built, BaseModel) else "",
                 " ".join((field.description or "").split()).replace("|", "\\|"),  # (a cell's bar escaped)
             )
         )
-        sub = section_of(field.annotation)
         if sub is None:
             continue
         if typing.get_origin(field.annotation) is list:  # entries: each its own defaults, the class's
