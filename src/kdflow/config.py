@@ -52,8 +52,9 @@ def _distinct(values: list[int] | None, what: str) -> list[int] | None:
 
 
 class _Section(BaseModel):
-    # each field's docstring is its description (docs/config.md, `kdflow config reference`)
-    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
+    # each field's docstring (the string under it) is its description in docs/config.md: `kdflow.configdoc` reads
+    # them from the source when it writes the reference, not pydantic at every import (use_attribute_docstrings)
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class DataConfig(_Section):

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import json
+import textwrap
 import types
 import typing
 from typing import Any
@@ -82,6 +86,27 @@ def shown(value: Any) -> str:
     return "`" + json.dumps(to_jsonable_python(value), ensure_ascii=False).replace("|", "\\|") + "`"
 
 
+@functools.cache
+def field_docs(cls: type[BaseModel]) -> dict[str, str]:
+    """Each field of `cls` (and of the models it derives from) with its docstring: the string literal right
+    under the field in the class body."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not (isinstance(klass, type) and issubclass(klass, BaseModel)) or klass is BaseModel:
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for stmt, doc in zip(body, body[1:]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant)
+                and isinstance(doc.value.value, str)
+            ):
+                docs[stmt.target.id] = inspect.cleandoc(doc.value.value)
+    return docs
+
+
 def sections(
     cls: type[BaseModel], prefix: str, default: BaseModel | None, builtin: BaseModel | None
 ) -> typing.Iterator[tuple[str, type[BaseModel], list[tuple]]]:
@@ -101,7 +126,7 @@ def sections(
                 constraints(field),
                 "see below" if sub and isinstance(value, BaseModel) else shown(value),
                 shown(built) if differs and not isinstance(built, BaseModel) else "",
-                " ".join((field.description or "").split()).replace("|", "\\|"),  # (a cell's bar escaped)
+                " ".join(field_docs(cls).get(name, "").split()).replace("|", "\\|"),  # (a cell's bar escaped)
             )
         )
         if sub is None:
