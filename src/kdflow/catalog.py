@@ -156,7 +156,7 @@ def champion_line(moves: list[dict]) -> list[int]:
         if v is None:
             stack.clear()
         elif restoring and v in stack:
-            del stack[len(stack) - 1 - stack[::-1].index(v) + 1 :]
+            del stack[len(stack) - stack[::-1].index(v) :]  # above the last time it held the alias
         else:
             stack.append(v)
     return stack
